@@ -1,0 +1,88 @@
+"""Rank-0 reporting of KO refreshes: a rich table in the console and a picture of lambda and the schedules."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ko_lightning.kinetic import SeparationFunction, SeparationSums
+from ko_lightning.paths import CondOTPath, GaussianPath
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ko_lightning.callbacks.ko_schedule import RefreshReport
+
+__all__ = ["print_refresh_table", "save_schedule_picture"]
+
+
+def print_refresh_table(report: RefreshReport) -> None:
+    """Print one refresh as a small rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"KO refresh at step {report.step} ({report.estimator} estimator)"
+    table = Table(title=title, show_header=True)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    if not report.installed:
+        table.add_row("installed", f"no: {report.reason}")
+    rows = [
+        ("Phi", report.phi), ("KE_min", report.ke_min), ("KE new path", report.ke_new),
+        ("KE previous path", report.ke_old), ("KE Cond-OT", report.ke_cond_ot), ("gamma floor", report.gamma_floor),
+        ("max |d alpha|", report.max_delta_alpha), ("max |d sigma|", report.max_delta_sigma),
+    ]
+    for name, value in rows:
+        if not math.isnan(value):
+            table.add_row(name, f"{value:.5g}")
+    for phase, seconds in report.seconds.items():
+        table.add_row(f"seconds: {phase}", f"{seconds:.3f}")
+    Console().print(table)
+
+
+def save_schedule_picture(
+    trainer: L.Trainer,
+    separation: SeparationFunction,
+    old_schedule: tuple[Tensor, Tensor, Tensor] | None,
+    new_path: GaussianPath,
+    sums: SeparationSums,
+    sigma_min: float,
+) -> str:
+    """Write ``ko_schedule.png``: lambda(theta) with its estimate and bounds; alpha_t, sigma_t old/new/Cond-OT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = trainer.log_dir or trainer.default_root_dir
+    os.makedirs(run_dir, exist_ok=True)
+    fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    theta = torch.linspace(1e-3, math.pi / 2 - 1e-3, 400, dtype=torch.float64)
+    ax_l.plot(theta, separation.at_theta(theta).cpu(), label="lambda (smoothed, projected)")
+    ax_l.plot(sums.theta.cpu(), sums.lam.cpu(), ".", ms=3, label="estimate at grid points")
+    ax_l.plot(theta, torch.sin(theta) ** 2, "--", lw=0.8, label="Gaussian bound s^2/(1+s^2)")
+    ax_l.set_xlabel("theta = atan(SNR)")
+    ax_l.set_ylabel("lambda")
+    ax_l.legend(fontsize=7)
+    t = torch.linspace(0.0, 1.0, 401)
+    cond_ot = CondOTPath(sigma_min)(t)
+    device = next(iter(new_path.buffers()), torch.empty(0)).device
+    new = new_path(t.to(device))
+    ax_p.plot(t, cond_ot.alpha, color="0.6", lw=1, label="Cond-OT alpha / sigma")
+    ax_p.plot(t, cond_ot.sigma, color="0.6", lw=1)
+    if old_schedule is not None:
+        ax_p.plot(old_schedule[0], old_schedule[1], "--", color="tab:blue", lw=1, label="previous alpha / sigma")
+        ax_p.plot(old_schedule[0], old_schedule[2], "--", color="tab:orange", lw=1)
+    ax_p.plot(t, new.alpha.cpu(), color="tab:blue", label="KO alpha")
+    ax_p.plot(t, new.sigma.cpu(), color="tab:orange", label="KO sigma")
+    ax_p.set_xlabel("t (0 noise, 1 data)")
+    ax_p.legend(fontsize=7)
+    fig.suptitle(f"KO schedule after step {trainer.global_step}")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "ko_schedule.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

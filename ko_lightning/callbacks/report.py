@@ -1,0 +1,160 @@
+"""End-of-fit report: samples at several step counts, a picture and a metrics table in the run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
+
+__all__ = ["SampleReport"]
+
+
+def _reference_samples(trainer: L.Trainer, n: int) -> Tensor | None:
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        return None
+    try:
+        loader = datamodule.test_dataloader()
+    except Exception:  # noqa: BLE001 - a datamodule without a test split falls back to validation
+        loader = datamodule.val_dataloader()
+    chunks, count = [], 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        chunks.append(x)
+        count += x.shape[0]
+        if count >= n:
+            break
+    return torch.cat(chunks)[:n].float() if chunks else None
+
+
+class SampleReport(L.Callback):
+    """After fit (weight averaging already applied), sample with Euler at several step counts and report.
+
+    Writes ``samples.png`` (samples per step count beside reference data) and ``metrics.md`` (per step count:
+    NFE, sliced Wasserstein-2 and MMD^2 against held-out data for 2D data, sampling time) into the run directory
+    (``trainer.log_dir``), and prints the table on rank 0.
+
+    Args:
+        num_samples: samples per setting.
+        euler_steps: Euler step counts to report.
+        seed: seed of the initial noise (the same noise for every setting).
+    """
+
+    def __init__(self, num_samples: int = 4000, euler_steps: Sequence[int] = (2, 8, 32, 100), seed: int = 0) -> None:
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+        if not euler_steps or any(int(s) < 1 for s in euler_steps):
+            raise ValueError(f"euler_steps must be positive integers, got {euler_steps!r}")
+        self.num_samples = int(num_samples)
+        self.euler_steps = tuple(int(s) for s in euler_steps)
+        self.seed = int(seed)
+        self.rows: list[dict[str, Any]] = []
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        reference = _reference_samples(trainer, self.num_samples)
+        gen = torch.Generator().manual_seed(self.seed)
+        x0 = torch.randn((self.num_samples, *pl_module.data_shape), generator=gen)
+        samples: dict[int, Tensor] = {}
+        self.rows = []
+        for steps in self.euler_steps:
+            start = time.perf_counter()
+            result = pl_module.sample(x0=x0, method="euler", steps=steps)
+            elapsed = time.perf_counter() - start
+            x = result.samples.cpu()
+            samples[steps] = x
+            row: dict[str, Any] = {"solver": f"euler {steps}", "nfe": result.nfe, "seconds": elapsed}
+            if reference is not None and x.ndim == 2 and x.shape[1] <= 3:
+                gen_metric = torch.Generator().manual_seed(self.seed + 1)
+                row["sliced_w2"] = float(sliced_wasserstein(x, reference, generator=gen_metric))
+                sub = min(2000, x.shape[0], reference.shape[0])
+                row["mmd2"] = float(mmd_rbf(x[:sub], reference[:sub]))
+            self.rows.append(row)
+        val_loss = trainer.callback_metrics.get("val/loss")
+        self._write_table(run_dir, None if val_loss is None else float(val_loss), trainer.global_step)
+        self._write_picture(run_dir, trainer, samples, reference)
+
+    def _write_table(self, run_dir: str, val_loss: float | None, step: int) -> None:
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        lines = [f"# Samples after {step} training steps", ""]
+        if val_loss is not None:
+            lines += [f"Final validation loss: {val_loss:.4f}", ""]
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+        for row in self.rows:
+            cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+        with open(os.path.join(run_dir, "metrics.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=f"ko_lightning samples after {step} steps ({run_dir})")
+            for c in columns:
+                table.add_column(c)
+            for row in self.rows:
+                table.add_row(*(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                                for c in columns))
+            Console().print(table)
+        except ImportError:  # pragma: no cover - rich is a dependency; keep the report if it is missing
+            print("\n".join(lines))
+
+    def _write_picture(
+        self, run_dir: str, trainer: L.Trainer, samples: dict[int, Tensor], reference: Tensor | None
+    ) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        datamodule = trainer.datamodule
+        panels = [(f"Euler {k} steps", v) for k, v in samples.items()]
+        if reference is not None:
+            panels.append(("held-out data", reference))
+        first = panels[0][1]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+        for ax, (title, x) in zip(axes[0], panels):
+            if first.ndim == 2 and first.shape[1] == 2:
+                if datamodule is not None and hasattr(datamodule, "denormalize"):
+                    x = datamodule.denormalize(x)
+                ax.hist2d(x[:, 0].numpy(), x[:, 1].numpy(), bins=100, range=[[-4.5, 4.5], [-4.5, 4.5]], cmap="magma")
+                ax.set_aspect("equal")
+            else:
+                ax.imshow(_image_grid(x[:64], datamodule), cmap="gray" if x.shape[1] == 1 else None)
+            ax.set_title(title)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, "samples.png"), dpi=90)
+        plt.close(fig)
+
+
+def _image_grid(x: Tensor, datamodule: Any) -> Any:
+    """Tile image samples ``(N, C, H, W)`` into one array in [0, 1] for display."""
+    if datamodule is not None and hasattr(datamodule, "to_display"):
+        x = datamodule.to_display(x)
+    else:
+        x = ((x.clamp(-1, 1) + 1) / 2)
+    if x.ndim == 2:  # flattened square images
+        side = int(math.isqrt(x.shape[1]))
+        x = x.reshape(-1, 1, side, side)
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+    grid = grid.clamp(0, 1).permute(1, 2, 0)
+    return (grid[..., 0] if c == 1 else grid).numpy()

@@ -1,0 +1,52 @@
+"""The ``ko-lightning`` command: LightningCLI over FlowMatching and any LightningDataModule.
+
+``ko-lightning fit --config recipes/<name>.yaml`` trains; every argument can be overridden on the command line
+(``--trainer.max_steps 500``). Without ``--config``, ``fit``/``validate``/``test`` use the embedded checkerboard
+demo (``ko_lightning/configs/checkerboard.yaml``).
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from ko_lightning.module import FlowMatching
+
+__all__ = ["DEFAULT_CONFIG", "main", "run_cli"]
+
+DEFAULT_CONFIG = str(resources.files("ko_lightning") / "configs" / "checkerboard.yaml")
+_SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+    has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    if argv and argv[0] in _SUBCOMMANDS_WITH_DEFAULT and not has_config:
+        print(f"ko-lightning: no --config given, using the embedded checkerboard demo ({DEFAULT_CONFIG})")
+        return [argv[0], "--config", DEFAULT_CONFIG, *argv[1:]]
+    return argv
+
+
+def run_cli(argv: list[str] | None = None) -> LightningCLI:
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return it (its ``trainer`` and ``model``)."""
+    argv = _with_default_config(list(sys.argv[1:] if argv is None else argv))
+    return LightningCLI(
+        FlowMatching,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={"callbacks": [RichProgressBar()]},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+def main() -> None:
+    """Console entry point ``ko-lightning``."""
+    run_cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,159 @@
+"""The scikit-learn handwritten digits (1797 images of 8 x 8 pixels, values 0..16), shipped with sklearn: offline."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ko_lightning.data.base import derive_seed, make_loader, moment_normalization, split_indices, split_sizes
+
+__all__ = ["DigitsDataModule"]
+
+_MAX_PIXEL = 16.0
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """Real, small image data for fast experiments: ``sklearn.datasets.load_digits``, normalized as in ko-math §2.
+
+    The 1797 images are split at random (seeded) into train/val/test. On the train split only, the per-pixel mean
+    ``mu`` and one global scale ``c = sqrt(E||x - mu||^2 / 64)`` are computed, and every split is mapped to
+    ``(x - mu) / c``: the train split then has mean 0 and per-dimension second moment 1. Batches are plain tensors
+    of shape ``(B, 1, 8, 8)``, or ``(B, 64)`` with ``flatten=True``.
+
+    Args:
+        batch_size: batch size of all loaders (train reshuffles every epoch and drops the last incomplete batch).
+        val_fraction: fraction of the 1797 images held out for validation (may be 0: no validation loader).
+        test_fraction: fraction held out for testing (may be 0: no test loader).
+        seed: seed of the split and of the shuffling.
+        flatten: yield ``(B, 64)`` vectors instead of ``(B, 1, 8, 8)`` images.
+        num_workers: loader worker processes (0 is best for in-memory data).
+
+    Attributes:
+        data_shape: ``(1, 8, 8)``, or ``(64,)`` with ``flatten=True``.
+        mean: per-pixel train mean in raw pixel units, shape ``data_shape`` (after :meth:`setup`).
+        scale: global scale, a 0-d tensor (after :meth:`setup`).
+        indices: ``{"train", "val", "test"}`` -> indices into ``load_digits().data`` (after :meth:`setup`).
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=64)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader())).shape
+        torch.Size([64, 1, 8, 8])
+        >>> dm.to_display(dm.train_tensor(4)).shape  # images in [0, 1] for plotting
+        torch.Size([4, 1, 8, 8])
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        flatten: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        split_sizes(1797, val_fraction, test_fraction)  # validates the fractions early
+        self.save_hyperparameters(logger=False)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.flatten = flatten
+        self.num_workers = num_workers
+        self.data_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
+        self.mean: Tensor | None = None
+        self.scale: Tensor | None = None
+        self.indices: dict[str, Tensor] = {}
+        self._splits: dict[str, Tensor] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and normalize (once; later calls do nothing)."""
+        if self._splits:
+            return
+        from sklearn.datasets import load_digits  # bundled with sklearn: no download
+
+        raw = torch.as_tensor(load_digits().data, dtype=torch.float32)  # (1797, 64), values 0..16
+        sizes = split_sizes(raw.shape[0], self.val_fraction, self.test_fraction)
+        if self.batch_size > sizes[0]:
+            raise ValueError(f"batch_size={self.batch_size} exceeds the {sizes[0]} training images")
+        train_idx, val_idx, test_idx = split_indices(raw.shape[0], sizes, self.seed)
+        self.indices = {"train": train_idx, "val": val_idx, "test": test_idx}
+        mean, scale = moment_normalization(raw[train_idx])
+        self.mean, self.scale = mean.reshape(self.data_shape), scale
+        self._splits = {name: self.normalize(raw[idx].reshape(-1, *self.data_shape)) for name, idx in self.indices.items()}
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        if self.mean is None or self.scale is None:
+            self.setup()
+        assert self.mean is not None and self.scale is not None
+        return self.mean, self.scale
+
+    def _split(self, split: str) -> Tensor:
+        self.setup()
+        return self._splits[split]
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw pixel values (0..16), shape ``(B, *data_shape)`` -> model space ``(x - mean) / scale``."""
+        mean, scale = self._stats()
+        return (x - mean.to(x.device, x.dtype)) / scale.to(x.device, x.dtype)
+
+    def denormalize(self, x: Tensor, clamp: bool = False) -> Tensor:
+        """Model space -> raw pixel values: ``x * scale + mean``, the exact inverse of :meth:`normalize`.
+
+        Args:
+            x: normalized samples, shape ``(B, *data_shape)``.
+            clamp: clip the result to the valid pixel range ``[0, 16]`` (for generated samples).
+        """
+        mean, scale = self._stats()
+        out = x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
+        return out.clamp(0.0, _MAX_PIXEL) if clamp else out
+
+    def to_display(self, x: Tensor) -> Tensor:
+        """Normalized samples -> images in ``[0, 1]`` of shape ``(B, 1, 8, 8)`` (0 = background), for plotting."""
+        return (self.denormalize(x, clamp=True) / _MAX_PIXEL).reshape(-1, 1, 8, 8)
+
+    def train_tensor(self, n: int | None = None) -> Tensor:
+        """The normalized training set as one tensor ``(N_train, *data_shape)`` (first ``n`` if given: a random
+        subset, since the split is in random order). The input of the KO separation estimator."""
+        data = self._split("train")
+        return data if n is None else data[:n]
+
+    def val_tensor(self) -> Tensor:
+        """The normalized validation set, shape ``(N_val, *data_shape)``."""
+        return self._split("val")
+
+    def test_tensor(self) -> Tensor:
+        """The normalized test set, shape ``(N_test, *data_shape)``."""
+        return self._split("test")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (reshuffled every epoch, last incomplete batch dropped)."""
+        return make_loader(
+            self._split("train"),
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=derive_seed(self.seed, 3),
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        data = self._split(split)
+        if data.shape[0] == 0:
+            return []  # Lightning skips an empty list of loaders
+        return make_loader(data, self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split in order (an empty list when ``val_fraction == 0``)."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The test split in order (an empty list when ``test_fraction == 0``)."""
+        return self._eval_loader("test")

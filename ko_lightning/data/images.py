@@ -1,0 +1,376 @@
+"""Image data that users already have on disk: a folder of image files, or a ``.npz``/``.npy`` uint8 array.
+
+Typical inputs are CIFAR-10 (``(50000, 32, 32, 3)`` uint8), ImageNet-32/64 (the downsampled-ImageNet ``.npz``
+files store flattened ``(N, 3 * s * s)`` CHW rows under the key ``data``) or a folder of PNG/JPEG files. Nothing is
+ever downloaded. The whole set is held in memory as uint8 (``N * C * H * W`` bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ko_lightning.data.base import derive_seed, make_loader, split_indices, split_sizes
+
+__all__ = ["IMAGE_EXTENSIONS", "NPZ_KEYS", "ImageDataModule", "load_image_folder", "load_image_array", "load_images"]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+"""File extensions read from image folders (case-insensitive)."""
+
+NPZ_KEYS: tuple[str, ...] = ("x", "images", "arr_0", "data")
+"""Keys tried, in order, when an ``.npz`` file is read without ``npz_key``."""
+
+
+def _resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Centre-crop an ``(H, W)`` or ``(H, W, C)`` uint8 image to a square and resize it to ``image_size`` (Lanczos)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (image_size, image_size):
+        return image
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    pil = Image.fromarray(image[top : top + side, left : left + side])
+    return np.asarray(pil.resize((image_size, image_size), Image.Resampling.LANCZOS))
+
+
+def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor:
+    """Read every image file under ``path`` (recursively, sorted by relative path) into one uint8 tensor.
+
+    Images are converted to 1 channel if every file is grayscale (PIL mode ``"L"``), otherwise to RGB (alpha is
+    dropped). With ``image_size`` each image is centre-cropped to a square and resized to ``image_size``; without
+    it, all images must have the same size.
+
+    Args:
+        path: a folder containing ``.png``/``.jpg``/``.jpeg``/``.bmp``/``.webp`` files (any depth).
+        image_size: optional side length of the (square) output images.
+
+    Returns:
+        uint8 tensor of shape ``(N, C, H, W)`` with ``C`` in ``{1, 3}``.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a folder or holds no image file.
+        ValueError: if the images differ in size and no ``image_size`` is given.
+    """
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {str(root)!r}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    modes = set()
+    for f in files:
+        with Image.open(f) as im:  # lazy: reads the header only
+            modes.add(im.mode)
+    mode = "L" if modes <= {"L"} else "RGB"
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            arr = np.asarray(im.convert(mode))
+        if image_size is not None:
+            arr = _resize_uint8(arr, image_size)
+        elif images and arr.shape != images[0].shape:
+            raise ValueError(
+                f"images under {str(root)!r} differ in size ({images[0].shape[:2]} vs {arr.shape[:2]} for {f.name}); "
+                "pass image_size to crop and resize them"
+            )
+        images.append(arr)
+    stacked = np.stack(images)  # (N, H, W) or (N, H, W, 3)
+    if stacked.ndim == 3:
+        stacked = stacked[:, None]
+    else:
+        stacked = stacked.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(stacked))
+
+
+def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"{source}: expected pixel values in [0, 255], got integer values in [{lo}, {hi}] ({array.dtype})"
+            )
+        return array.astype(np.uint8)
+    lo, hi = (float(array.min()), float(array.max())) if array.size and array.dtype != np.bool_ else (0.0, 0.0)
+    raise ValueError(
+        f"{source}: expected uint8 pixel values in [0, 255], got dtype {array.dtype} (values in [{lo:g}, {hi:g}]); "
+        "store the raw 8-bit pixels (e.g. (x * 255).round().astype(np.uint8) for data in [0, 1])"
+    )
+
+
+def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    """Bring a 2D (flattened CHW rows), 3D (N, H, W) or 4D (NHWC or NCHW) array to NCHW."""
+    if array.ndim == 2:
+        n, dim = array.shape
+        for channels in (3, 1):
+            side = math.isqrt(dim // channels)
+            if channels * side * side == dim:
+                return array.reshape(n, channels, side, side)
+        raise ValueError(f"{source}: cannot read rows of length {dim} as square C x s x s images (C = 1 or 3)")
+    if array.ndim == 3:
+        return array[:, None]
+    if array.ndim == 4:
+        _, a, b, c = array.shape
+        nhwc, nchw = c in (1, 3), a in (1, 3)
+        if nhwc and (a == b or not nchw):
+            return array.transpose(0, 3, 1, 2)
+        if nchw:
+            return array
+        raise ValueError(
+            f"{source}: cannot tell the channel axis of shape {array.shape}; expected NHWC or NCHW with 1 or 3 channels"
+        )
+    raise ValueError(f"{source}: expected an array of 2 to 4 dimensions (N, ...), got shape {array.shape}")
+
+
+def load_image_array(path: str | Path, image_size: int | None = None, npz_key: str | None = None) -> Tensor:
+    """Read images from a ``.npz`` (or ``.npy``) file holding a uint8 array.
+
+    Accepted layouts: ``(N, H, W, C)``, ``(N, C, H, W)`` (``C`` in ``{1, 3}``, detected), ``(N, H, W)`` grayscale,
+    and ``(N, C * s * s)`` flattened CHW rows (the downsampled-ImageNet files). Integer arrays with values in
+    ``[0, 255]`` are accepted too.
+
+    Args:
+        path: the ``.npz``/``.npy`` file.
+        image_size: optional side length: images are centre-cropped to a square and resized (Lanczos).
+        npz_key: the array's key; by default the first of :data:`NPZ_KEYS` present.
+
+    Returns:
+        uint8 tensor of shape ``(N, C, H, W)``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: for a missing key, a non-uint8 dtype, values outside ``[0, 255]`` or an unreadable shape.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"image array file not found: {str(file)!r}")
+    source = str(file)
+    if file.suffix.lower() == ".npy":
+        array = np.load(file, allow_pickle=False)
+    else:
+        with np.load(file, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if npz_key is not None:
+                if npz_key not in keys:
+                    raise ValueError(f"npz_key={npz_key!r} is not in {source!r}; its keys are {keys}")
+                key = npz_key
+            else:
+                found = [k for k in NPZ_KEYS if k in keys]
+                if not found:
+                    raise ValueError(
+                        f"{source!r} has none of the keys {list(NPZ_KEYS)}; its keys are {keys}: pass npz_key"
+                    )
+                key = found[0]
+            array = archive[key]
+            source = f"{source}[{key!r}]"
+    array = _to_nchw(_to_uint8(array, source), source)
+    if image_size is not None and array.shape[2:] != (image_size, image_size):
+        hwc = array.transpose(0, 2, 3, 1)
+        resized = [_resize_uint8(im[..., 0] if im.shape[-1] == 1 else im, image_size) for im in hwc]
+        array = np.stack(resized)
+        array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_images(path: str | Path, image_size: int | None = None, npz_key: str | None = None) -> Tensor:
+    """A folder (:func:`load_image_folder`) or a ``.npz``/``.npy`` file (:func:`load_image_array`) -> uint8 NCHW."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image data path not found: {str(p)!r}")
+    if p.is_dir():
+        return load_image_folder(p, image_size)
+    return load_image_array(p, image_size, npz_key)
+
+
+class _ToSignedUnit:
+    """uint8 batch -> float in [-1, 1], with an optional random horizontal flip of each image (p = 1/2)."""
+
+    def __init__(self, random_flip: bool) -> None:
+        self.random_flip = random_flip
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        x = batch.float().div_(127.5).sub_(1.0)
+        if self.random_flip:
+            flip = torch.rand(x.shape[0]) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images from disk, as float tensors in ``[-1, 1]`` of shape ``(B, C, H, W)``.
+
+    The pixels are kept as uint8 (:meth:`raw_tensor`) so that evaluation can dequantize them for bits/dim; batches
+    are ``x = u / 127.5 - 1`` for uint8 pixels ``u``, with a random horizontal flip on the training batches. A
+    seeded ``val_fraction`` of ``path`` is held out for validation; the test set comes from ``test_path``.
+
+    Args:
+        path: a folder of image files (searched recursively) or a ``.npz``/``.npy`` uint8 array file.
+        batch_size: batch size of all loaders (train reshuffles every epoch and drops the last incomplete batch).
+        val_fraction: fraction of ``path`` held out for validation (0: no validation loader).
+        image_size: optional side length; images are centre-cropped to a square and resized (Lanczos).
+        seed: seed of the split and of the shuffling.
+        num_workers: loader worker processes (0 is fine: a batch is one slice of an in-memory tensor).
+        random_flip: flip training images horizontally with probability 1/2.
+        npz_key: key of the array in an ``.npz`` file (default: the first of ``x``, ``images``, ``arr_0``, ``data``).
+        test_path: optional folder or array file of the test set (read like ``path``).
+
+    Attributes:
+        data_shape: ``(C, H, W)`` (reading the data on first access).
+
+    Raises:
+        FileNotFoundError: naming ``path`` (or ``test_path``) if it does not exist.
+        ValueError: for non-uint8 pixel data, values outside ``[0, 255]`` or unreadable shapes.
+
+    Example:
+        >>> dm = ImageDataModule("data/cifar10_train.npz", test_path="data/cifar10_test.npz")  # doctest: +SKIP
+        >>> dm.setup("fit")  # doctest: +SKIP
+        >>> dm.data_shape  # doctest: +SKIP
+        (3, 32, 32)
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 128,
+        val_fraction: float = 0.02,
+        image_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        npz_key: str | None = None,
+        test_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        split_sizes(100, val_fraction)  # validates val_fraction early
+        for name, value in (("path", path), ("test_path", test_path)):
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"{name} not found: {str(value)!r}")
+        self.save_hyperparameters(logger=False)
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.image_size = image_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.npz_key = npz_key
+        self.test_path = None if test_path is None else str(test_path)
+        self.indices: dict[str, Tensor] = {}
+        self._raw: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str | None = None) -> None:
+        """Read and split the data (once; later calls do nothing). The test set is read when first needed."""
+        if "train" in self._raw:
+            return
+        raw = load_images(self.path, self.image_size, self.npz_key)
+        n_train, n_val, _ = split_sizes(raw.shape[0], self.val_fraction)
+        if self.batch_size > n_train:
+            raise ValueError(f"batch_size={self.batch_size} exceeds the {n_train} training images")
+        train_idx, val_idx = split_indices(raw.shape[0], [n_train, n_val], self.seed)
+        self.indices = {"train": train_idx, "val": val_idx}
+        self._raw["train"], self._raw["val"] = raw[train_idx], raw[val_idx]
+
+    def raw_tensor(self, split: str = "train") -> Tensor:
+        """The uint8 pixels of a split (``"train"``, ``"val"`` or ``"test"``), shape ``(N, C, H, W)``."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        self.setup()
+        if split == "test" and "test" not in self._raw:
+            if self.test_path is None:
+                raise ValueError("no test set: pass test_path to ImageDataModule")
+            test = load_images(self.test_path, self.image_size, self.npz_key)
+            if tuple(test.shape[1:]) != self.data_shape:
+                raise ValueError(
+                    f"test_path images have shape {tuple(test.shape[1:])}, the training images {self.data_shape}; "
+                    "pass image_size to resize both"
+                )
+            self._raw["test"] = test
+        return self._raw[split]
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image (reads the data if needed)."""
+        self.setup()
+        c, h, w = self._raw["train"].shape[1:]
+        return (int(c), int(h), int(w))
+
+    @staticmethod
+    def normalize(u: Tensor) -> Tensor:
+        """Pixel values in ``[0, 255]`` (uint8 or float) -> model space ``u / 127.5 - 1`` in ``[-1, 1]``."""
+        return u.float() / 127.5 - 1.0
+
+    @staticmethod
+    def denormalize(x: Tensor) -> Tensor:
+        """Model space -> float pixel values ``(x + 1) * 127.5`` (the exact inverse of :meth:`normalize`)."""
+        return (x + 1.0) * 127.5
+
+    @staticmethod
+    def to_uint8(x: Tensor) -> Tensor:
+        """Model space -> uint8 pixels (rounded and clipped to ``[0, 255]``)."""
+        return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    @staticmethod
+    def to_display(x: Tensor) -> Tensor:
+        """Model space -> images in ``[0, 1]`` for plotting."""
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def train_tensor(self, n: int | None = None) -> Tensor:
+        """The training set in model space, float ``(N, C, H, W)``, or its first ``n`` images (a random subset,
+        since the split is in random order): the input of the KO separation estimator."""
+        raw = self.raw_tensor("train")
+        return self.normalize(raw if n is None else raw[:n])
+
+    # --------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches in ``[-1, 1]`` (random flips if enabled; last incomplete batch dropped)."""
+        return make_loader(
+            self.raw_tensor("train"),
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=derive_seed(self.seed, 3),
+            num_workers=self.num_workers,
+            transform=_ToSignedUnit(self.random_flip),
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        raw = self.raw_tensor(split)
+        if raw.shape[0] == 0:
+            return []
+        return make_loader(
+            raw,
+            self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            transform=_ToSignedUnit(False),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split in order, no flips (an empty list when ``val_fraction == 0``)."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The images of ``test_path`` in order, no flips.
+
+        Raises:
+            ValueError: if no ``test_path`` was given.
+        """
+        return self._eval_loader("test")

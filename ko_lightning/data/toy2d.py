@@ -1,0 +1,273 @@
+"""Two-dimensional toy distributions and their Lightning data module.
+
+The samplers return raw (un-normalized) points; :class:`Toy2DDataModule` draws fixed train/val/test sets from them
+and normalizes them as in ko-math §2 (mean 0, per-dimension second moment 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ko_lightning.data.base import derive_seed, make_loader, moment_normalization
+
+__all__ = [
+    "TOY2D_SAMPLERS",
+    "Toy2DDataModule",
+    "on_checkerboard",
+    "sample_checkerboard",
+    "sample_eight_gaussians",
+    "sample_moons",
+]
+
+
+def _check_n(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return n
+
+
+def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform samples on the 8 black squares of a 4 x 4 checkerboard covering ``[-2, 2]^2``.
+
+    The unit cells are ``[i, i+1) x [j, j+1)`` for ``i, j in {-2, -1, 0, 1}``; a cell is black when ``i + j`` is
+    even, so a point ``(x, y)`` lies on the board iff ``floor(x) + floor(y)`` is even (see :func:`on_checkerboard`).
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator`` for reproducibility.
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> x = sample_checkerboard(1000, torch.Generator().manual_seed(0))
+        >>> bool(on_checkerboard(x).all())
+        True
+    """
+    _check_n(n)
+    corners = torch.tensor(
+        [(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0], dtype=torch.float32
+    )  # (8, 2) lower-left corners of the black cells
+    cell = torch.randint(0, corners.shape[0], (n,), generator=generator)
+    return corners[cell] + torch.rand(n, 2, generator=generator)
+
+
+def on_checkerboard(x: Tensor) -> Tensor:
+    """Boolean mask of the points of ``x`` (shape ``(N, 2)``, raw coordinates) on the black squares of
+    :func:`sample_checkerboard`: inside ``[-2, 2)^2`` with ``floor(x) + floor(y)`` even."""
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"x must have shape (N, 2), got {tuple(x.shape)}")
+    cells = torch.floor(x)
+    inside = ((x >= -2) & (x < 2)).all(dim=1)
+    even = torch.remainder(cells.sum(dim=1), 2) == 0
+    return inside & even
+
+
+def sample_eight_gaussians(
+    n: int, generator: torch.Generator | None = None, radius: float = 2.0, std: float = 0.2
+) -> Tensor:
+    """A mixture of 8 equally weighted isotropic Gaussians centred on a circle.
+
+    Centres ``radius * (cos(2 pi k / 8), sin(2 pi k / 8))`` for ``k = 0..7``, standard deviation ``std``.
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        radius: radius of the circle of centres.
+        std: standard deviation of each component.
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> sample_eight_gaussians(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+    _check_n(n)
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    k = torch.randint(0, 8, (n,), generator=generator).float()
+    angle = 2 * math.pi * k / 8
+    centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    return centres + std * torch.randn(n, 2, generator=generator)
+
+
+def sample_moons(n: int, generator: torch.Generator | None = None, noise: float = 0.1) -> Tensor:
+    """Two interleaving half circles ("moons"), each drawn with probability 1/2, plus Gaussian noise.
+
+    Upper moon ``(cos a, sin a)``, lower moon ``(1 - cos a, 1/2 - sin a)``, with ``a ~ U[0, pi]``; then
+    ``noise * N(0, I)`` is added.
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        noise: standard deviation of the added Gaussian noise.
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> sample_moons(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+    _check_n(n)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    lower = torch.randint(0, 2, (n,), generator=generator).bool()
+    a = math.pi * torch.rand(n, generator=generator)
+    upper_pts = torch.stack([torch.cos(a), torch.sin(a)], dim=1)
+    lower_pts = torch.stack([1 - torch.cos(a), 0.5 - torch.sin(a)], dim=1)
+    x = torch.where(lower[:, None], lower_pts, upper_pts)
+    return x + noise * torch.randn(n, 2, generator=generator)
+
+
+TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "checkerboard": sample_checkerboard,
+    "eight_gaussians": sample_eight_gaussians,
+    "moons": sample_moons,
+}
+"""The named 2D samplers understood by :class:`Toy2DDataModule`."""
+
+
+class Toy2DDataModule(L.LightningDataModule):
+    """Fixed, seeded train/val/test sets from a 2D toy distribution, normalized as in ko-math §2.
+
+    The train set defines the normalization ``x_norm = (x - mean) / scale`` with the per-coordinate ``mean`` and
+    one global ``scale = sqrt(E||x - mean||^2 / 2)``, so the normalized train set has mean 0 and per-dimension second
+    moment 1 (a single scale keeps the geometry, e.g. the squares of the checkerboard stay square). Val and test sets
+    are drawn from their own seeds and normalized with the train statistics. Batches are plain tensors of shape
+    ``(batch_size, 2)``.
+
+    Args:
+        name: one of :data:`TOY2D_SAMPLERS` (``"checkerboard"``, ``"eight_gaussians"``, ``"moons"``).
+        n_train: number of training points.
+        n_val: number of validation points.
+        n_test: number of test points.
+        batch_size: batch size of all loaders (train drops the last incomplete batch and reshuffles every epoch).
+        seed: base seed of the data sets and of the shuffling.
+        num_workers: loader worker processes (0 is best for in-memory data).
+
+    Attributes:
+        data_shape: ``(2,)``.
+        mean: per-coordinate mean of the raw train set, shape ``(2,)`` (after :meth:`setup`).
+        scale: global scale, a 0-d tensor (after :meth:`setup`).
+
+    Example:
+        >>> dm = Toy2DDataModule("checkerboard", n_train=1000, n_val=100, n_test=100, batch_size=100)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader())).shape
+        torch.Size([100, 2])
+    """
+
+    def __init__(
+        self,
+        name: str = "checkerboard",
+        n_train: int = 100_000,
+        n_val: int = 10_000,
+        n_test: int = 10_000,
+        batch_size: int = 4096,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in TOY2D_SAMPLERS:
+            raise ValueError(f"unknown toy data set name={name!r}; valid names: {sorted(TOY2D_SAMPLERS)}")
+        for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if arg == "n_train" else 1):
+                raise ValueError(f"{arg} must be a positive int (n_train >= 2), got {value!r}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size > n_train:
+            raise ValueError(f"batch_size={batch_size} exceeds n_train={n_train}; the train loader drops the last batch")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters(logger=False)
+        self.name = name
+        self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.data_shape: tuple[int, ...] = (2,)
+        self.mean: Tensor | None = None
+        self.scale: Tensor | None = None
+        self._splits: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ data
+    def _draw(self, n: int, split_id: int) -> Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, split_id))
+        return TOY2D_SAMPLERS[self.name](n, generator)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Draw and normalize all three sets (once; later calls do nothing)."""
+        if self._splits:
+            return
+        raw_train = self._draw(self.n_train, 0)
+        self.mean, self.scale = moment_normalization(raw_train)
+        self._splits = {
+            "train": self.normalize(raw_train),
+            "val": self.normalize(self._draw(self.n_val, 1)),
+            "test": self.normalize(self._draw(self.n_test, 2)),
+        }
+
+    def _split(self, split: str) -> Tensor:
+        self.setup()
+        return self._splits[split]
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        if self.mean is None or self.scale is None:
+            self.setup()
+        assert self.mean is not None and self.scale is not None
+        return self.mean, self.scale
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw points -> model space: ``(x - mean) / scale``."""
+        mean, scale = self._stats()
+        return (x - mean.to(x.device, x.dtype)) / scale.to(x.device, x.dtype)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model space -> raw points: ``x * scale + mean`` (the exact inverse of :meth:`normalize`)."""
+        mean, scale = self._stats()
+        return x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
+
+    def train_tensor(self, n: int | None = None) -> Tensor:
+        """The normalized training set, shape ``(n_train, 2)`` (or its first ``n`` points, a random subset)."""
+        data = self._split("train")
+        return data if n is None else data[:n]
+
+    def val_tensor(self) -> Tensor:
+        """The normalized validation set, shape ``(n_val, 2)``."""
+        return self._split("val")
+
+    def test_tensor(self) -> Tensor:
+        """The normalized test set, shape ``(n_test, 2)``."""
+        return self._split("test")
+
+    # --------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the train set (reshuffled every epoch, last incomplete batch dropped)."""
+        return make_loader(
+            self._split("train"),
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=derive_seed(self.seed, 3),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The fixed validation set in order."""
+        return make_loader(
+            self._split("val"), self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """The fixed test set in order."""
+        return make_loader(
+            self._split("test"), self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers
+        )

@@ -1,0 +1,34 @@
+"""Kinetic-optimal Gaussian paths (Shaul et al., ICML 2023): the data separation function, its estimators, the
+kinetic energy of any path, and the closed-form KO solver (ko-math §2-4). Knows nothing of Lightning."""
+
+from ko_lightning.kinetic.energy import kinetic_energy, kinetic_energy_density
+from ko_lightning.kinetic.estimators import (
+    SeparationSums,
+    estimate_separation_from_data,
+    estimate_separation_from_model,
+    separation_sums_from_data,
+    separation_sums_from_model,
+    separation_sums_from_queries,
+)
+from ko_lightning.kinetic.normalization import DataNormalization
+from ko_lightning.kinetic.posterior import posterior_mean
+from ko_lightning.kinetic.separation import SeparationFunction, default_theta_grid
+from ko_lightning.kinetic.solver import DEFAULT_GAMMA_FLOORS, KOSolution, solve_ko
+
+__all__ = [
+    "DEFAULT_GAMMA_FLOORS",
+    "DataNormalization",
+    "KOSolution",
+    "SeparationFunction",
+    "SeparationSums",
+    "default_theta_grid",
+    "estimate_separation_from_data",
+    "estimate_separation_from_model",
+    "kinetic_energy",
+    "kinetic_energy_density",
+    "posterior_mean",
+    "separation_sums_from_data",
+    "separation_sums_from_model",
+    "separation_sums_from_queries",
+    "solve_ko",
+]

@@ -1,0 +1,400 @@
+"""Estimators of the separation function: from a finite data set and from a trained x1-predictor (ko-math §3).
+
+Both estimate ``1 - lambda(s)`` in its low-variance MSE form, ``(1/d) E||y - E[y | x_t]||^2`` on normalized data
+``y``, and both return additive partial sums (:class:`SeparationSums`) so several processes can add theirs before
+dividing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ko_lightning.kinetic.normalization import DataNormalization
+from ko_lightning.kinetic.posterior import data_chunk_fp32, online_softmax_update
+from ko_lightning.kinetic.separation import SeparationFunction, check_theta_grid, default_theta_grid
+from ko_lightning.paths.base import GaussianPath
+
+__all__ = [
+    "SeparationSums",
+    "estimate_separation_from_data",
+    "estimate_separation_from_model",
+    "separation_sums_from_data",
+    "separation_sums_from_model",
+    "separation_sums_from_queries",
+]
+
+X1Predictor = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SeparationSums:
+    """Additive partial sums of a separation-function estimate.
+
+    Per grid point ``k`` and query ``j`` the estimators record the MSE form ``A = ||y - y_hat||^2 / d`` (ko-math
+    §3: low variance where ``lambda ~ 1``). The data estimator, whose ``y_hat = E[y | x_t]`` is exact, also
+    records ``B = 1 - ||y_hat||^2 / d`` (the same mean ``1 - lambda``, but low variance where ``lambda ~ 0``)
+    through the control variate ``D = A - B`` (mean 0): the estimate is
+
+        ``1 - lambda = mean(A) - beta mean(D)``,  ``beta = cov(A, D) / var(D)``,
+
+    the minimum-variance combination (``beta`` from the same samples: bias ``O(1/count)``). All fields are sums,
+    so partial sums from disjoint query sets (other processes, other seeds) add with ``+`` (or
+    ``torch.distributed.all_reduce`` of each tensor) before dividing.
+
+    Attributes:
+        theta: the grid, ``(G,)`` float64.
+        sq_error: ``sum_j A`` per grid point (float64).
+        count: number of queries per grid point (float64).
+        sq_error_sq: ``sum_j A^2`` (for :attr:`standard_error`).
+        cv_sum: ``sum_j D``, or ``None`` (model estimator: no control variate).
+        cv_sq: ``sum_j D^2``, or ``None``.
+        cv_cross: ``sum_j A D``, or ``None``.
+    """
+
+    theta: Tensor
+    sq_error: Tensor
+    count: Tensor
+    sq_error_sq: Tensor
+    cv_sum: Tensor | None = None
+    cv_sq: Tensor | None = None
+    cv_cross: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sq_error", "count", "sq_error_sq", "cv_sum", "cv_sq", "cv_cross"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.theta.shape:
+                raise ValueError(f"{name} must have theta's shape {tuple(self.theta.shape)}, got {tuple(value.shape)}")
+        if len({getattr(self, n) is None for n in ("cv_sum", "cv_sq", "cv_cross")}) != 1:
+            raise ValueError("cv_sum, cv_sq and cv_cross must be given together")
+
+    def __add__(self, other: SeparationSums) -> SeparationSums:
+        if not isinstance(other, SeparationSums):
+            return NotImplemented
+        if other.theta.shape != self.theta.shape or not torch.allclose(other.theta.to(self.theta), self.theta):
+            raise ValueError("other must be on the same theta grid")
+
+        def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None or b is None else a + b.to(a)
+
+        return SeparationSums(
+            self.theta,
+            self.sq_error + other.sq_error.to(self.sq_error),
+            self.count + other.count.to(self.count),
+            self.sq_error_sq + other.sq_error_sq.to(self.sq_error_sq),
+            add(self.cv_sum, other.cv_sum),
+            add(self.cv_sq, other.cv_sq),
+            add(self.cv_cross, other.cv_cross),
+        )
+
+    def _moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``mean(A)``, ``beta``, ``mean(D)`` and the per-sample variance of ``A - beta D``."""
+        mean_a = self.sq_error / self.count
+        var_a = (self.sq_error_sq / self.count - mean_a**2).clamp_min(0.0)
+        if self.cv_sum is None or self.cv_sq is None or self.cv_cross is None:
+            zero = torch.zeros_like(mean_a)
+            return mean_a, zero, zero, var_a
+        mean_d = self.cv_sum / self.count
+        var_d = (self.cv_sq / self.count - mean_d**2).clamp_min(0.0)
+        cov_ad = self.cv_cross / self.count - mean_a * mean_d
+        safe = var_d > 1e-300
+        beta = torch.where(safe, cov_ad / var_d.clamp_min(1e-300), torch.zeros_like(var_d))
+        var = (var_a - torch.where(safe, cov_ad**2 / var_d.clamp_min(1e-300), torch.zeros_like(var_d)))
+        return mean_a, beta, mean_d, var.clamp_min(0.0)
+
+    @property
+    def lam(self) -> Tensor:
+        """Raw estimate of ``lambda`` (not projected; Monte-Carlo noise may take it slightly out of ``[0, 1]``)."""
+        mean_a, beta, mean_d, _ = self._moments()
+        return 1.0 - (mean_a - beta * mean_d)
+
+    @property
+    def standard_error(self) -> Tensor:
+        """Monte-Carlo standard error of :attr:`lam` per grid point, ``sqrt(var(A - beta D) / count)``.
+
+        Treats the queries as independent (they are, within a grid point).
+        """
+        return torch.sqrt(self._moments()[3] / self.count)
+
+    def to_function(self, smoothing: float = 0.0) -> SeparationFunction:
+        """The :class:`SeparationFunction` of these sums: :attr:`lam` clipped to ``[0, 1]``, ``counts = count``.
+
+        Raises:
+            ValueError: if some grid point has no queries.
+        """
+        if not bool((self.count > 0).all()):
+            raise ValueError("every grid point needs count > 0 before dividing")
+        return SeparationFunction(self.theta.cpu(), self.lam.clamp(0.0, 1.0).cpu(), self.count.cpu(), smoothing)
+
+
+def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+    return torch.Generator().manual_seed(0) if generator is None else generator
+
+
+def _check_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def separation_sums_from_queries(
+    data: Tensor,
+    theta: Tensor,
+    query_index: Tensor,
+    noise: Tensor,
+    normalization: DataNormalization | None = None,
+    query_chunk: int = 1024,
+    data_chunk: int = 2048,
+    device: torch.device | str | None = None,
+) -> SeparationSums:
+    """Partial sums of ``1 - lambda`` for given queries: the deterministic kernel behind the data estimator.
+
+    With normalized data ``y_i`` and ``s = tan theta`` (path ``alpha = sin theta``, ``sigma = cos theta``), query
+    ``j`` at angle ``theta`` is ``x = sin(theta) y_{i_j} + cos(theta) eps_j`` and contributes
+    ``||y_{i_j} - E[y | x]||^2 / d`` (and the control variate of :class:`SeparationSums`), where ``E[y | x] = sum_k softmax_k(l_k) y_k`` with logits
+
+        ``l_k = s^2 (y_{i_j} . y_k - ||y_k||^2 / 2) + s (eps_j . y_k)``.
+
+    The same queries serve every angle (common random numbers: the error of the curve is smooth in theta), so the
+    two matmuls ``Y_q Y^T`` and ``E Y^T`` of a block are shared by all angles; the weighted sums are streamed
+    over data chunks with a running log-sum-exp (fp32), and at high SNR only the data points that carry weight
+    enter the weighted sum. Peak temporaries: ``R x data_chunk`` logits with ``R <= query_chunk`` rows (query x
+    angle pairs), ``R x d`` sums, ``2 x data_chunk x d`` data and the ``Q x d`` queries themselves.
+
+    Args:
+        data: the finite set, ``(n, ...)``, any dtype/device (converted chunk by chunk).
+        theta: angle grid, strictly increasing inside ``(0, pi/2)``.
+        query_index: ``(Q,)`` indices of the data points the queries are built from.
+        noise: ``(Q, ...)`` standard normal noise ``eps`` (sample shape of ``data``).
+        normalization: statistics to normalize by; default computed from ``data``.
+        query_chunk: max rows (query, angle pairs) per block.
+        data_chunk: data rows per block.
+        device: where to compute; default ``data``'s device.
+    """
+    norm = DataNormalization.from_data(data) if normalization is None else normalization
+    theta64 = check_theta_grid(theta, "theta")
+    query_chunk = _check_positive_int(query_chunk, "query_chunk")
+    data_chunk = _check_positive_int(data_chunk, "data_chunk")
+    n = data.shape[0]
+    d = data[0].numel()
+    if norm.dim != d:
+        raise ValueError(f"normalization has {norm.dim} features, data has {d}")
+    query_index = torch.as_tensor(query_index)
+    if query_index.ndim != 1 or query_index.numel() == 0 or query_index.dtype.is_floating_point:
+        raise ValueError(f"query_index must be a non-empty 1D integer tensor, got shape {tuple(query_index.shape)}")
+    if int(query_index.min()) < 0 or int(query_index.max()) >= n:
+        raise ValueError(f"query_index must lie in [0, {n})")
+    n_q = query_index.numel()
+    if tuple(noise.shape) != (n_q, *data.shape[1:]):
+        raise ValueError(f"noise must have shape {(n_q, *data.shape[1:])}, got {tuple(noise.shape)}")
+    dev = torch.device(device) if device is not None else data.device
+    flat = data.reshape(n, d)
+    yq_all = norm.normalize(flat[query_index.to(data.device)].reshape(n_q, *data.shape[1:])).reshape(n_q, d)
+    yq_all = yq_all.to(dev)
+    eps_all = noise.reshape(n_q, d).to(device=dev, dtype=torch.float32)
+
+    n_theta = theta64.numel()
+    snr = torch.tan(theta64)
+    per_block = max(1, query_chunk // n_theta)  # queries per block
+    theta_block = max(1, min(n_theta, query_chunk // per_block))  # angles per block
+    sums = [torch.zeros(n_theta, dtype=torch.float64) for _ in range(6)]
+    sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross = sums
+    for g0 in range(0, n_theta, theta_block):
+        s_g = snr[g0 : g0 + theta_block]
+        n_g = s_g.numel()
+        coeffs = torch.stack([s_g**2, s_g], 1).to(device=dev, dtype=torch.float32)  # (n_g, 2)
+        for q0 in range(0, n_q, per_block):
+            yq, eps = yq_all[q0 : q0 + per_block], eps_all[q0 : q0 + per_block]
+            n_b = yq.shape[0]
+            rows = n_g * n_b
+            run_max = torch.full((rows,), -math.inf, device=dev)
+            run_sum = torch.zeros(rows, device=dev)
+            acc = torch.zeros(rows, d, device=dev)
+            for d0 in range(0, n, data_chunk):
+                y, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev)
+                grams = torch.empty(2, n_b, y.shape[0], device=dev)
+                torch.mm(yq, y.T, out=grams[0])
+                torch.mm(eps, y.T, out=grams[1])
+                grams[0].sub_(0.5 * ysq)
+                # logits of every (angle, query) row in one small-K matmul: [s^2, s] @ [Y_q Y^T - |y|^2/2; E Y^T]
+                logits = (coeffs @ grams.view(2, -1)).view(rows, y.shape[0])
+                online_softmax_update(logits, run_max, run_sum, acc, y, groups=n_g)
+            post = (acc / run_sum[:, None]).view(n_g, n_b, d)
+            err = (((yq[None] - post) ** 2).sum(-1) / d).double()  # A = ||y - E[y|x]||^2 / d, (n_g, n_b)
+            cv = err - (1.0 - ((post**2).sum(-1) / d).double())  # D = A - B, B = 1 - ||E[y|x]||^2 / d
+            sq_error[g0 : g0 + n_g] += err.sum(1).cpu()
+            sq_error_sq[g0 : g0 + n_g] += (err * err).sum(1).cpu()
+            cv_sum[g0 : g0 + n_g] += cv.sum(1).cpu()
+            cv_sq[g0 : g0 + n_g] += (cv * cv).sum(1).cpu()
+            cv_cross[g0 : g0 + n_g] += (err * cv).sum(1).cpu()
+            count[g0 : g0 + n_g] += n_b
+    return SeparationSums(theta64.cpu(), sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross)
+
+
+def separation_sums_from_data(
+    x: Tensor,
+    theta: Tensor | None = None,
+    n_queries: int = 1024,
+    normalization: DataNormalization | None = None,
+    generator: torch.Generator | None = None,
+    query_chunk: int = 1024,
+    data_chunk: int = 2048,
+    device: torch.device | str | None = None,
+) -> SeparationSums:
+    """Partial sums of the finite-set estimate of ``1 - lambda`` (see :func:`estimate_separation_from_data`)."""
+    if not torch.is_tensor(x):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty data set of shape (n, ...), got {tuple(x.shape)}")
+    norm = DataNormalization.from_data(x) if normalization is None else normalization
+    n_queries = _check_positive_int(n_queries, "n_queries")
+    theta = default_theta_grid() if theta is None else theta
+    gen = _default_generator(generator)
+    n = x.shape[0]
+    # Stratified query points: whole random permutations, so every data point is used equally often.
+    perms = [torch.randperm(n, generator=gen, device=gen.device) for _ in range(-(-n_queries // n))]
+    query_index = torch.cat(perms)[:n_queries].to(x.device)
+    noise = torch.randn((n_queries, *x.shape[1:]), generator=gen, device=gen.device)
+    return separation_sums_from_queries(x, theta, query_index, noise, norm, query_chunk, data_chunk, device)
+
+
+def estimate_separation_from_data(
+    x: Tensor,
+    theta: Tensor | None = None,
+    n_queries: int = 1024,
+    normalization: DataNormalization | None = None,
+    generator: torch.Generator | None = None,
+    query_chunk: int = 1024,
+    data_chunk: int = 2048,
+    device: torch.device | str | None = None,
+    smoothing: float = 0.0,
+) -> SeparationFunction:
+    """Separation function of a finite data set (the training set's own ``lambda``; ko-math §3).
+
+    ``1 - lambda(s) = (1/d) E||y - E[y | x_t]||^2`` on ``y = (x - mean) / sqrt(v)``, with the exact posterior mean
+    over the set (:func:`separation_sums_from_queries`), and ``1 - ||E[y | x_t]||^2 / d`` as control variate
+    (:class:`SeparationSums`), so the estimate is precise at both ends of the SNR range. Queries: ``n_queries`` data points drawn as whole
+    random permutations, and one standard normal noise each, shared by all angles. Memory: the ``n_queries x d``
+    queries plus temporaries bounded by ``query_chunk`` and ``data_chunk``.
+
+    Args:
+        x: data, ``(n, ...)``; normalized internally.
+        theta: angle grid (default :func:`default_theta_grid`).
+        n_queries: queries per angle.
+        normalization: statistics to normalize by (pass global ones under data parallelism); default from ``x``.
+        generator: source of the queries (default ``torch.Generator().manual_seed(0)``; give each process its own).
+        query_chunk: max (query, angle) rows per block.
+        data_chunk: data rows per block.
+        device: where to compute (default ``x``'s device).
+        smoothing: passed to :class:`SeparationFunction`.
+
+    Raises:
+        ValueError: naming ``x`` when it is empty, non-finite or constant; naming the chunk sizes or
+            ``n_queries`` when they are not positive integers.
+
+    Example:
+        >>> x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+        >>> lam = estimate_separation_from_data(x, n_queries=50)
+        >>> bool(lam.at_snr(torch.tensor(10.0)) > 0.9)
+        True
+    """
+    sums = separation_sums_from_data(
+        x, theta, n_queries, normalization, generator, query_chunk, data_chunk, device
+    )
+    return sums.to_function(smoothing)
+
+
+def _model_times(path: GaussianPath, theta: Tensor, v: float) -> Tensor:
+    """Times ``t`` on ``path`` whose normalized SNR ``sqrt(v) alpha_t / sigma_t`` equals ``tan theta``."""
+    target = torch.tan(theta) / math.sqrt(v)
+    t = path.snr_inverse(target.float()).float().clamp(0.0, 1.0)
+    c = path(t)
+    reached = torch.atan2(math.sqrt(v) * c.alpha.double(), c.sigma.double())
+    bad = (reached - theta).abs() > 1e-3
+    if bool(bad.any()):
+        th = theta[bad]
+        raise ValueError(
+            f"theta: {int(bad.sum())} angle(s) (e.g. {float(th[0]):.4g}) correspond to SNRs the path does not "
+            "reach; restrict theta to the path's SNR range"
+        )
+    return t
+
+
+@torch.no_grad()
+def separation_sums_from_model(
+    x1_predictor: X1Predictor,
+    path: GaussianPath,
+    x1: Tensor,
+    theta: Tensor | None = None,
+    normalization: DataNormalization | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> SeparationSums:
+    """Partial sums of the model estimate of ``1 - lambda`` (see :func:`estimate_separation_from_model`)."""
+    if not callable(x1_predictor):
+        raise ValueError("x1_predictor must be callable as x1_predictor(x_t, t)")
+    if not isinstance(path, GaussianPath):
+        raise ValueError(f"path must be a GaussianPath, got {type(path).__name__}")
+    if not torch.is_tensor(x1) or x1.ndim < 2 or x1.shape[0] == 0:
+        raise ValueError(f"x1 must be a non-empty tensor of shape (n, ...), got {getattr(x1, 'shape', x1)!r}")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    norm = DataNormalization.from_data(x1) if normalization is None else normalization
+    theta64 = check_theta_grid(default_theta_grid() if theta is None else theta, "theta")
+    v = norm.second_moment
+    times = _model_times(path, theta64, v).to(x1.device)
+    coeffs = path(times)
+    gen = _default_generator(generator)
+    d = x1[0].numel()
+    sq_error, count, sq_error_sq = (torch.zeros(theta64.numel(), dtype=torch.float64) for _ in range(3))
+    for b0 in range(0, x1.shape[0], batch_size):
+        xb = x1[b0 : b0 + batch_size].float()
+        n_b = xb.shape[0]
+        eps = torch.randn(xb.shape, generator=gen, device=gen.device).to(xb.device)  # shared by all angles
+        for g in range(theta64.numel()):
+            x_t = coeffs.alpha[g] * xb + coeffs.sigma[g] * eps
+            pred = x1_predictor(x_t, times[g].expand(n_b))
+            if tuple(pred.shape) != tuple(xb.shape):
+                raise ValueError(f"x1_predictor returned shape {tuple(pred.shape)}, expected {tuple(xb.shape)}")
+            err = ((xb - pred.float()) ** 2).reshape(n_b, d).sum(1) / (d * v)  # the mean cancels in x1 - x1_hat
+            err = err.double()
+            sq_error[g] += float(err.sum())
+            sq_error_sq[g] += float((err * err).sum())
+            count[g] += n_b
+    return SeparationSums(theta64.cpu(), sq_error, count, sq_error_sq)
+
+
+def estimate_separation_from_model(
+    x1_predictor: X1Predictor,
+    path: GaussianPath,
+    x1: Tensor,
+    theta: Tensor | None = None,
+    normalization: DataNormalization | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+    smoothing: float = 0.0,
+) -> SeparationFunction:
+    """Separation function measured through a network's x1-prediction error (ko-math §3).
+
+    ``1 - lambda(s) ~ E||x1 - x1_hat(x_t, t)||^2 / (d v)`` with ``x_t = alpha_t x1 + sigma_t eps`` at the time
+    ``t = path.snr_inverse(tan(theta) / sqrt(v))`` where the normalized SNR is ``tan theta``. An upper bound on
+    the MMSE, tight as the model improves; it measures the population rather than the training set.
+
+    Args:
+        x1_predictor: ``x1_predictor(x_t, t) -> x1_hat`` in data units, ``t`` of shape ``(B,)``.
+        path: the path the predictor was trained on.
+        x1: data samples ``(n, ...)`` in the units the predictor sees.
+        theta: angle grid (default :func:`default_theta_grid`); every angle must be reachable on ``path``.
+        normalization: statistics of the data (default computed from ``x1``).
+        generator: noise source (default ``torch.Generator().manual_seed(0)``).
+        batch_size: samples per predictor call.
+        smoothing: passed to :class:`SeparationFunction`.
+
+    Raises:
+        ValueError: naming ``theta`` if an angle's SNR is outside the path's range, or the bad argument.
+    """
+    sums = separation_sums_from_model(x1_predictor, path, x1, theta, normalization, generator, batch_size)
+    return sums.to_function(smoothing)

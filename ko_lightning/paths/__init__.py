@@ -1,0 +1,22 @@
+"""Gaussian probability paths ``x_t = alpha_t x1 + sigma_t x0`` (t = 0 noise, t = 1 data)."""
+
+from ko_lightning.paths.analytic import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, VPPath
+from ko_lightning.paths.base import GaussianPath, PathCoefficients, PathSample, broadcast_time, check_unit_interval
+from ko_lightning.paths.tabulated import TabulatedPath, pchip_slopes
+from ko_lightning.paths.transform import ScaleTimeVelocity
+
+__all__ = [
+    "CondOTPath",
+    "CosinePath",
+    "GaussianPath",
+    "LinearVPPath",
+    "PathCoefficients",
+    "PathSample",
+    "PolynomialPath",
+    "ScaleTimeVelocity",
+    "TabulatedPath",
+    "VPPath",
+    "broadcast_time",
+    "check_unit_interval",
+    "pchip_slopes",
+]

@@ -1,0 +1,59 @@
+"""Two-process CPU DDP run of KOScheduleCallback; each rank records what every refresh installed.
+
+Run as ``python ddp_ko_refresh.py OUT_DIR`` (Lightning starts the second rank itself). Rank 0 also computes,
+before each refresh, the sums a single process gets over the union of both ranks' query shares.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import torch
+
+from ko_lightning import FlowMatching, KOScheduleCallback
+from ko_lightning.data import Toy2DDataModule
+from ko_lightning.nets import TimeMLP
+
+
+class RecordingKO(KOScheduleCallback):
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def refresh(self, trainer, pl_module, estimator=None):  # noqa: ANN001, ANN201
+        est = estimator or self.estimator
+        k = self.refresh_count
+        union = None
+        if trainer.is_global_zero:
+            union = self.local_sums(pl_module, est, k, 0, 2) + self.local_sums(pl_module, est, k, 1, 2)
+        report = super().refresh(trainer, pl_module, estimator)
+        path = pl_module.path
+        record = {
+            "step": trainer.global_step,
+            "estimator": est,
+            "installed": report.installed,
+            "table": [b.detach().cpu().clone() for b in (path.t_grid, path.alpha_grid, path.sigma_grid,
+                                                         path.d_alpha_grid, path.d_sigma_grid)],
+            "lam_raw": self.separation.lam_raw.detach().cpu().clone(),
+            "union_lam": None if union is None else union.lam.clamp(0, 1).cpu(),
+        }
+        torch.save(record, f"{self.out_dir}/rank{trainer.global_rank}_refresh{k}.pt")
+        return report
+
+
+def main(out_dir: str) -> None:
+    L.seed_everything(0)
+    dm = Toy2DDataModule("checkerboard", n_train=4096, n_val=256, n_test=256, batch_size=256, seed=0)
+    model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), parametrization="polar_v", train_seed=0)
+    ko = RecordingKO(out_dir, every_n_steps=6, warmup_steps=6, estimator="data+model", n_queries=64, n_theta=16,
+                     max_data=1024, batch_size=64, plot=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[ko],
+    )
+    trainer.fit(model, dm)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

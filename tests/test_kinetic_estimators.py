@@ -1,0 +1,257 @@
+"""Separation-function estimators: exactness of the chunked kernel, partial sums, accuracy, Thm 4.1, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ko_lightning.kinetic import (
+    DataNormalization,
+    SeparationFunction,
+    default_theta_grid,
+    estimate_separation_from_data,
+    posterior_mean,
+    separation_sums_from_data,
+    separation_sums_from_model,
+    separation_sums_from_queries,
+)
+from ko_lightning.paths import CondOTPath, VPPath
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def two_point_lam(theta: np.ndarray, d: int) -> np.ndarray:
+    """lambda of {+u, -u} with ||u||^2 = d: E tanh^2(d s^2 + sqrt(d) s xi), xi ~ N(0, 1) (Gauss-Hermite)."""
+    x, w = np.polynomial.hermite_e.hermegauss(200)
+    s = np.tan(theta)[:, None]
+    return (np.tanh(d * s**2 + math.sqrt(d) * s * x[None]) ** 2 * (w / w.sum())).sum(1)
+
+
+def _data(n: int, d: int, seed: int, scale: float = 3.0, shift: float = 1.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Clustered, un-normalized data: a few centres plus noise, so the posterior is neither flat nor one-hot.
+    centres = torch.randn(4, d, generator=g)
+    return scale * (centres[torch.randint(4, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)) + shift
+
+
+def _reference_sums(data: torch.Tensor, theta: torch.Tensor, index: torch.Tensor, noise: torch.Tensor):
+    """Unchunked float64 reference: per-angle mean of ||y - E[y|x]||^2 / d and of ||E[y|x]||^2 / d."""
+    x = data.double()
+    mean = x.mean(0)
+    v = float(((x - mean) ** 2).mean())
+    y = (x - mean) / math.sqrt(v)
+    yq, eps = y[index], noise.double()
+    mse, norm2 = [], []
+    for th in theta.tolist():
+        a, s = math.sin(th), math.cos(th)
+        x_t = a * yq + s * eps
+        w = torch.softmax(-torch.cdist(x_t, a * y) ** 2 / (2 * s * s), 1)
+        post = w @ y
+        mse.append(float(((yq - post) ** 2).sum(1).mean()) / y.shape[1])
+        norm2.append(float((post**2).sum(1).mean()) / y.shape[1])
+    return torch.tensor(mse, dtype=torch.float64), torch.tensor(norm2, dtype=torch.float64)
+
+
+def test_posterior_mean_matches_float64_and_is_chunk_invariant() -> None:
+    data = _data(300, 10, 0)
+    norm = DataNormalization.from_data(data)
+    y = norm.normalize(data).double()
+    g = torch.Generator().manual_seed(1)
+    q = 50
+    alpha = torch.rand(q, generator=g, dtype=torch.float64)
+    sigma = 0.05 + torch.rand(q, generator=g, dtype=torch.float64)
+    x_t = alpha[:, None] * y[torch.randint(300, (q,), generator=g)] + sigma[:, None] * torch.randn(q, 10, generator=g)
+    logits = -((x_t[:, None, :] - alpha[:, None, None] * y[None]) ** 2).sum(-1) / (2 * sigma[:, None] ** 2)
+    ref = torch.softmax(logits, 1) @ y
+    for qc, dc in ((1024, 4096), (7, 13), (1, 37)):
+        got = posterior_mean(x_t.float(), data, alpha, sigma, normalization=norm, query_chunk=qc, data_chunk=dc)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+    raw = posterior_mean(x_t.float(), y.float(), alpha, sigma)  # already-normalized data, no normalization
+    torch.testing.assert_close(raw.double(), ref, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="sigma"):
+        posterior_mean(x_t.float(), data, alpha, 0.0)
+
+
+def test_estimator_kernel_matches_unchunked_float64_and_chunking_does_not_matter() -> None:
+    data = _data(257, 12, 2)
+    theta = default_theta_grid(9)
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(257, (40,), generator=g)
+    noise = torch.randn(40, 12, generator=g)
+    ref_mse, ref_norm2 = _reference_sums(data, theta, index, noise)
+    results = []
+    for qc, dc in ((1024, 2048), (5, 16), (3, 50), (9, 100000)):
+        sums = separation_sums_from_queries(data, theta, index, noise, query_chunk=qc, data_chunk=dc)
+        torch.testing.assert_close(sums.count, torch.full_like(sums.count, 40.0))
+        torch.testing.assert_close(sums.sq_error / sums.count, ref_mse, rtol=1e-4, atol=1e-6)
+        # D = A - B with B = 1 - ||E[y|x]||^2 / d
+        torch.testing.assert_close(sums.cv_sum / sums.count, ref_mse - (1 - ref_norm2), rtol=1e-4, atol=1e-5)
+        results.append(sums.lam)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=1e-6)
+
+
+def test_partial_sums_of_two_halves_equal_one_pass() -> None:
+    data = _data(200, 8, 4)
+    theta = default_theta_grid(12)
+    g = torch.Generator().manual_seed(5)
+    index = torch.randint(200, (64,), generator=g)
+    noise = torch.randn(64, 8, generator=g)
+    norm = DataNormalization.from_data(data)
+    whole = separation_sums_from_queries(data, theta, index, noise, norm)
+    halves = separation_sums_from_queries(data, theta, index[:30], noise[:30], norm) + separation_sums_from_queries(
+        data, theta, index[30:], noise[30:], norm
+    )
+    for name in ("sq_error", "count", "sq_error_sq", "cv_sum", "cv_sq", "cv_cross"):
+        torch.testing.assert_close(getattr(halves, name), getattr(whole, name), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(halves.lam, whole.lam, rtol=0, atol=1e-7)
+
+
+def test_reproducible_normalization_invariant_and_within_bounds() -> None:
+    data = _data(150, 6, 6)
+    theta = default_theta_grid(24)
+
+    def run(x: torch.Tensor, seed: int) -> torch.Tensor:
+        return separation_sums_from_data(x, theta, n_queries=150, generator=torch.Generator().manual_seed(seed)).lam
+
+    first = run(data, 0)
+    torch.testing.assert_close(run(data, 0), first, rtol=0, atol=0)
+    assert float((run(data, 1) - first).abs().max()) > 1e-4  # another seed, other queries
+    # lambda is a property of the normalized data: affine changes of units give the same estimate
+    torch.testing.assert_close(run(7.0 * data - 40.0, 0), first, rtol=0, atol=2e-5)
+    lam = estimate_separation_from_data(data, theta, n_queries=150)
+    fine = torch.linspace(0, math.pi / 2, 2001, dtype=torch.float64)
+    values = lam.at_theta(fine)
+    assert bool((values >= torch.sin(fine) ** 2 - 1e-12).all()) and bool((values <= 1 + 1e-12).all())
+    assert float(lam.at_snr(torch.tensor(0.0))) == 0.0
+
+
+@pytest.mark.parametrize("d", [1, 8])
+def test_two_point_data_matches_quadrature(d: int) -> None:
+    x = torch.zeros(2, d)
+    x[0, 0], x[1, 0] = 5.0, -5.0  # normalized: +-u with ||u||^2 = d
+    theta = default_theta_grid(20)
+    sums = separation_sums_from_data(x, theta, n_queries=3000, generator=torch.Generator().manual_seed(0))
+    ref = torch.from_numpy(two_point_lam(theta.numpy(), d))
+    err = (sums.lam - ref).abs()
+    # Where lambda > 0.99 the mean of 1 - lambda comes from rare noise draws (x_t near the midpoint) that 3000
+    # queries may miss entirely, and the sample standard error cannot see them: allow that tail.
+    rare_tail = torch.where(ref > 0.99, 1 - ref, torch.zeros_like(ref))
+    assert bool((err <= 4 * sums.standard_error + 1e-4 + rare_tail).all())
+    assert float(sums.standard_error.max()) < 0.01
+
+
+def test_theorem_4_1_bound_and_memorization_with_dimension() -> None:
+    """int_0^inf |1 - lambda(s)| ds <= 3 n / sqrt(d) on random normalized data; lambda -> 1 as d grows."""
+    n = 4
+    integrals, at_half = [], []
+    for d in (16, 128, 1024):
+        for seed in (0, 1):
+            x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+            sums = separation_sums_from_data(x, default_theta_grid(64), n_queries=512)
+            lam = sums.to_function()
+            integral = lam.memorization_integral()
+            assert integral <= 3 * n / math.sqrt(d), (d, integral)
+            if seed == 0:
+                integrals.append(integral)
+                at_half.append(float(lam.at_snr(torch.tensor(0.5))))
+    assert integrals[0] > integrals[1] > integrals[2]
+    assert at_half[0] < at_half[1] < at_half[2] and at_half[2] > 0.99
+
+
+def test_data_normalization() -> None:
+    data = _data(100, 5, 7).double()
+    norm = DataNormalization.from_data(data)
+    torch.testing.assert_close(norm.mean, data.mean(0))
+    assert norm.second_moment == pytest.approx(float(((data - data.mean(0)) ** 2).mean()), rel=1e-12)
+    y = norm.normalize(data).double()
+    assert float(y.mean(0).abs().max()) < 1e-5 and float((y**2).mean()) == pytest.approx(1.0, abs=1e-5)
+    pooled = DataNormalization.from_data(data[:37]) + DataNormalization.from_data(data[37:])
+    torch.testing.assert_close(pooled.mean, norm.mean)
+    assert pooled.second_moment == pytest.approx(norm.second_moment, rel=1e-12) and pooled.count == 100
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.zeros(0, 4), "x"),
+        (torch.ones(10, 4), "constant"),
+        (torch.ones(1, 4), "constant"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "x"),
+        ([[1.0, 2.0]], "x"),
+    ],
+)
+def test_bad_data_is_named(x, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        estimate_separation_from_data(x, n_queries=4)
+
+
+def test_bad_estimator_arguments_are_named() -> None:
+    data = _data(20, 3, 8)
+    with pytest.raises(ValueError, match="n_queries"):
+        separation_sums_from_data(data, n_queries=0)
+    with pytest.raises(ValueError, match="query_chunk"):
+        separation_sums_from_data(data, n_queries=4, query_chunk=0)
+    with pytest.raises(ValueError, match="data_chunk"):
+        separation_sums_from_data(data, n_queries=4, data_chunk=-3)
+    with pytest.raises(ValueError, match="theta"):
+        separation_sums_from_data(data, theta=torch.tensor([0.5, 0.2]), n_queries=4)
+    with pytest.raises(ValueError, match="query_index"):
+        separation_sums_from_queries(data, default_theta_grid(4), torch.tensor([0, 20]), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="noise"):
+        separation_sums_from_queries(data, default_theta_grid(4), torch.tensor([0, 1]), torch.zeros(3, 3))
+
+
+def _exact_predictor(data: torch.Tensor, path: CondOTPath):
+    """The posterior mean E[x1 | x_t] over a finite raw data set, in float64: the ideal x1-predictor."""
+    x64 = data.double()
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = path(t)
+        a, s = c.alpha.double()[:, None, None], c.sigma.double()[:, None, None]
+        logits = -((x_t.double()[:, None, :] - a * x64[None]) ** 2).sum(-1) / (2 * s[:, :, 0] ** 2)
+        return (torch.softmax(logits, 1) @ x64).float()
+
+    return predict
+
+
+def test_model_estimator_with_exact_predictor_matches_data_estimator() -> None:
+    data = _data(40, 5, 9)  # un-normalized: the SNR map t = snr_inverse(tan(theta) / sqrt(v)) is exercised
+    theta = default_theta_grid(16)[:-2]  # keep t < 1 so sigma_t > 0 for the exact predictor
+    path = CondOTPath()
+    model = separation_sums_from_model(
+        _exact_predictor(data, path), path, data.repeat(50, 1), theta, generator=torch.Generator().manual_seed(1)
+    )
+    exact = separation_sums_from_data(data, theta, n_queries=2000, generator=torch.Generator().manual_seed(2))
+    diff = (model.lam - exact.lam).abs()
+    tol = 4 * torch.sqrt(model.standard_error**2 + exact.standard_error**2) + 1e-4
+    assert bool((diff <= tol).all()), (diff / tol).max()
+    assert model.cv_sum is None and float(model.count[0]) == 2000
+    # Merging two model estimates equals estimating from the summed sums (weights = counts).
+    other = separation_sums_from_model(
+        _exact_predictor(data, path), path, data, theta, generator=torch.Generator().manual_seed(3)
+    )
+    merged = model.to_function().merge(other.to_function())
+    inside = ((model.lam > 0) & (other.lam > 0) & (model.lam < 1) & (other.lam < 1)).numpy()  # unclipped
+    assert inside.sum() >= 8
+    torch.testing.assert_close(merged.lam_raw[inside], (model + other).lam[inside], rtol=0, atol=1e-12)
+    torch.testing.assert_close(merged.counts, model.count + other.count)
+    assert isinstance(merged, SeparationFunction)
+
+
+def test_model_estimator_rejects_unreachable_snr() -> None:
+    data = _data(10, 3, 10)
+    vp = VPPath()  # alpha_0 = exp(-(0.1 + 20) / 4) > 0: the smallest SNRs are out of reach
+    with pytest.raises(ValueError, match="theta"):
+        separation_sums_from_model(lambda x, t: x, vp, data, default_theta_grid(32))
+    with pytest.raises(ValueError, match="x1_predictor"):
+        separation_sums_from_model("not callable", CondOTPath(), data)  # type: ignore[arg-type]

@@ -1,0 +1,476 @@
+"""Likelihood by the instantaneous change of variables: flows with known densities, estimators, shapes, bpd, grads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ko_lightning.likelihood import (
+    EXACT_DIVERGENCE_MAX_DIM,
+    bits_per_dim,
+    bpd_from_log_prob,
+    dequantize,
+    divergence,
+    evaluate_log_prob,
+    log_prob,
+    sample_with_log_prob,
+    standard_normal_log_prob,
+)
+from ko_lightning.paths import CondOTPath, CosinePath, GaussianPath
+from ko_lightning.sampling import SolverSpec
+
+TIGHT = SolverSpec("dopri5", atol=1e-8, rtol=1e-8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These solves make thousands of calls on tiny tensors, where intra-op thread hand-offs cost more than the
+    arithmetic (10x on a busy 2-core machine): run the module on one thread and restore the setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _coefficients(path: GaussianPath, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Path coefficients in float64 at solver times, shaped (B, 1, ..., 1); fails on times outside [0, 1]."""
+    assert bool(((t >= 0) & (t <= 1)).all()), f"velocity evaluated outside [0, 1]: {t.min()} .. {t.max()}"
+    c = path.coefficients(t.to(torch.float64))
+    shape = (-1, *([1] * (like.ndim - 1)))
+    return tuple(v.reshape(shape).to(like.dtype) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma))  # type: ignore
+
+
+def gaussian_velocity(path: GaussianPath, mean: float, var: float):
+    """Exact marginal velocity for x1 ~ N(mean, var I): x_t ~ N(a m, k^2 I), k^2 = a^2 var + s^2, so
+    u_t(x) = a' m + (k'/k)(x - a m) with k'/k = (a a' var + s s') / k^2."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        a, s, da, ds = _coefficients(path, t, x)
+        k2 = a * a * var + s * s
+        return da * mean + (a * da * var + s * ds) / k2 * (x - a * mean)
+
+    return velocity
+
+
+def gaussian_log_density(x: Tensor, mean: float, var: float) -> Tensor:
+    flat = x.reshape(x.shape[0], -1)
+    return -0.5 * (flat.shape[1] * math.log(2 * math.pi * var) + (flat - mean).pow(2).sum(1) / var)
+
+
+# Isotropic 2D mixture used by several tests: weights, means (K, 2), per-component variances (K,).
+MIX_W = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+MIX_MU = torch.tensor([[-1.0, 0.5], [1.2, -0.3], [0.2, 1.5]], dtype=torch.float64)
+MIX_V = torch.tensor([0.15, 0.3, 0.08], dtype=torch.float64)
+
+
+def mixture_velocity(path: GaussianPath, weights: Tensor = MIX_W, means: Tensor = MIX_MU, variances: Tensor = MIX_V):
+    """Exact marginal velocity u_t(x) = (s'/s) x + beta_t E[x1 | x_t = x] for an isotropic Gaussian mixture.
+
+    Given component k, x_t ~ N(a mu_k, (a^2 v_k + s^2) I) and E[x1 | x_t, k] = mu_k + a v_k / (a^2 v_k + s^2)
+    (x_t - a mu_k); the component posterior is the softmax of the weighted component densities of x_t.
+    """
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        a, s, da, ds = _coefficients(path, t, x)  # (B, 1)
+        mu, v, w = means.to(x), variances.to(x), weights.to(x)
+        var_t = a * a * v + s * s  # (B, K)
+        diff = x[:, None, :] - a[:, :, None] * mu[None]  # (B, K, D)
+        logits = torch.log(w) - 0.5 * x.shape[1] * torch.log(var_t) - 0.5 * diff.pow(2).sum(-1) / var_t
+        post = torch.softmax(logits, dim=1)
+        cond_mean = mu[None] + (a * v / var_t)[..., None] * diff
+        e_x1 = (post[..., None] * cond_mean).sum(1)
+        beta = da - ds * a / s
+        return (ds / s) * x + beta * e_x1
+
+    return velocity
+
+
+def mixture_log_density(x: Tensor, sigma_min: float) -> Tensor:
+    """log of sum_k w_k N(x; mu_k, (v_k + sigma_min^2) I): the law of alpha_1 x1 + sigma_1 x0 at t = 1."""
+    var = (MIX_V + sigma_min**2).to(x)
+    diff2 = (x[:, None, :] - MIX_MU.to(x)[None]).pow(2).sum(-1)
+    comp = -0.5 * x.shape[1] * torch.log(2 * math.pi * var) - 0.5 * diff2 / var
+    return torch.logsumexp(torch.log(MIX_W.to(x)) + comp, dim=1)
+
+
+def sample_mixture(n: int, sigma_min: float, generator: torch.Generator) -> Tensor:
+    k = torch.multinomial(MIX_W, n, replacement=True, generator=generator)
+    std = (MIX_V[k] + sigma_min**2).sqrt()[:, None]
+    return MIX_MU[k] + std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+
+class FlatMap(nn.Module):
+    """A fixed nonlinear velocity of the flattened sample: v(z, t) = tanh(z W1 + t b) W2 + c z, reshaped back."""
+
+    def __init__(self, dim: int, seed: int = 0, hidden: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=torch.float64) / math.sqrt(dim))
+        self.w2 = nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=torch.float64) / math.sqrt(hidden))
+        self.b = nn.Parameter(torch.randn(hidden, generator=g, dtype=torch.float64))
+        self.c = nn.Parameter(torch.tensor(-0.3, dtype=torch.float64))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        z = x.reshape(x.shape[0], -1)
+        out = torch.tanh(z @ self.w1.to(z) + t[:, None].to(z) * self.b.to(z)) @ self.w2.to(z) + self.c.to(z) * z
+        return out.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- known densities
+@pytest.mark.parametrize("path", [CondOTPath(sigma_min=0.3), CosinePath()], ids=["condot", "cosine"])
+@pytest.mark.parametrize("shape", [(16, 3), (8, 1, 2, 2)], ids=["vector", "image"])
+def test_gaussian_data_log_prob_matches_the_analytic_density(path: GaussianPath, shape: tuple[int, ...]) -> None:
+    mean, var = 0.7, 0.4
+    final_var = var + path.sigma_min**2  # x_1 = alpha_1 x1 + sigma_1 x0 = x1 + sigma_min x0
+    velocity = gaussian_velocity(path, mean, var)
+    x = mean + math.sqrt(final_var) * torch.randn(shape, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64)
+    x[0] += 2.5  # one point in the tail
+    expected = gaussian_log_density(x, mean, final_var)
+    result = log_prob(velocity, x, solver=TIGHT, divergence="exact")
+    assert result.estimator == "exact" and result.log_prob.shape == (shape[0],)
+    torch.testing.assert_close(result.log_prob, expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(result.prior_log_prob - result.divergence_integral, result.log_prob)
+    # The latent is the exact inverse flow x0 = (x - a m) / k at t = 1 (k = sqrt(final_var)).
+    torch.testing.assert_close(result.x_noise, (x - mean) / math.sqrt(final_var), atol=1e-6, rtol=0)
+    if path.sigma_min > 0:  # the test can tell sigma_min apart: ignoring it would be far outside the tolerance
+        assert (gaussian_log_density(x, mean, var) - expected).abs().max() > 1e-2
+
+    # Default settings (fp32, dopri5 at 1e-5) on fp32 data are accurate to solver tolerance.
+    default = log_prob(velocity, x.float())
+    assert default.log_prob.dtype == torch.float32
+    torch.testing.assert_close(default.log_prob.double(), expected, atol=2e-3, rtol=0)
+
+
+def test_gaussian_mixture_log_prob_matches_the_analytic_mixture_density() -> None:
+    sigma_min = 0.1
+    path = CondOTPath(sigma_min=sigma_min)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([sample_mixture(48, sigma_min, gen), torch.tensor([[0.1, 0.6], [2.5, -1.5], [-2.0, 2.0]],
+                                                                    dtype=torch.float64)])
+    expected = mixture_log_density(x, sigma_min)
+    result = log_prob(mixture_velocity(path), x, solver=SolverSpec("dopri5", atol=1e-7, rtol=1e-7))
+    assert result.estimator == "exact"  # "auto" with D = 2
+    torch.testing.assert_close(result.log_prob, expected, atol=1e-4, rtol=0)
+    # A nonlinear flow: a single Gaussian fitted to the mixture is nowhere near.
+    assert (expected - gaussian_log_density(x, float(x.mean()), float(x.var()))).abs().max() > 0.5
+
+
+def test_fixed_step_solvers_count_nfe_exactly_and_converge() -> None:
+    path = CondOTPath(sigma_min=0.1)
+    x = sample_mixture(16, 0.1, torch.Generator().manual_seed(2))
+    expected = mixture_log_density(x, 0.1)
+    errors = []
+    for steps in (20, 40):
+        res = log_prob(mixture_velocity(path), x, solver=SolverSpec("rk4", steps=steps))
+        assert res.nfe == SolverSpec("rk4", steps=steps).expected_nfe == 4 * steps
+        errors.append(float((res.log_prob - expected).abs().max()))
+    assert errors[1] < errors[0] / 6 and errors[1] < 1e-3, errors  # fourth order, roughly
+
+
+# ---------------------------------------------------------------------------------------------------- estimators
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_agrees_with_exact_within_its_standard_error(probe: str) -> None:
+    dim, copies = 6, 300
+    velocity = FlatMap(dim, seed=3)
+    point = torch.randn(1, dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = point.expand(copies, dim).clone()  # each copy gets its own probe
+    solver = SolverSpec("rk4", steps=12)
+    exact = log_prob(velocity, point, solver=solver, divergence="exact").log_prob[0]
+    hutch = log_prob(velocity, x, solver=solver, divergence="hutchinson", probe=probe,
+                     generator=torch.Generator().manual_seed(5))
+    assert hutch.estimator == "hutchinson" and hutch.std_error is None and hutch.probes.shape == (1, copies, dim)
+    spread = hutch.log_prob.std()
+    assert spread > 1e-2  # the estimator is genuinely random here (a non-diagonal Jacobian)
+    se = spread / math.sqrt(copies)
+    assert abs(hutch.log_prob.mean() - exact) < 4 * se, (float(hutch.log_prob.mean()), float(exact), float(se))
+    # The latents do not depend on the probes.
+    torch.testing.assert_close(hutch.x_noise, log_prob(velocity, x[:2], solver=solver).x_noise[:1].expand(copies, dim))
+
+    # Several probes per sample: the reported per-sample standard error matches the spread across samples.
+    multi = log_prob(velocity, x[:100], solver=solver, divergence="hutchinson", probe=probe, num_probes=8,
+                     generator=torch.Generator().manual_seed(6))
+    assert multi.std_error is not None and multi.probes.shape == (8, 100, dim)
+    ratio = float(multi.std_error.pow(2).mean().sqrt() / multi.log_prob.std())
+    assert 0.7 < ratio < 1.4, ratio
+    assert abs(multi.log_prob.mean() - exact) < 4 * multi.log_prob.std() / 10
+
+
+def test_hutchinson_probe_is_fixed_for_the_whole_solve() -> None:
+    # For a constant linear field v = A x the integrand eps^T A eps is constant in t when the probe is fixed:
+    # the result is exactly log N(x0) - eps^T A eps, and an adaptive solver needs few steps.
+    a = torch.tensor([[0.3, 1.0, 0.0, -0.5], [-0.7, -0.2, 0.4, 0.0], [0.2, 0.0, 0.1, 0.9], [0.0, -1.1, 0.3, -0.4]],
+                     dtype=torch.float64)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    res = log_prob(lambda z, t: z @ a.T, x, solver=SolverSpec("dopri5", atol=1e-8, rtol=1e-8),
+                   divergence="hutchinson", generator=torch.Generator().manual_seed(8))
+    eps = res.probes[0]
+    quad = ((eps @ a.T) * eps).sum(1)
+    torch.testing.assert_close(res.divergence_integral, quad, atol=1e-7, rtol=0)
+    assert (quad - torch.trace(a)).abs().max() > 0.5  # the probe matters, so redrawing it would be caught
+    torch.testing.assert_close(res.x_noise, x @ torch.linalg.matrix_exp(-a).T, atol=1e-6, rtol=0)
+    assert res.nfe < 200
+    # The same generator seed reproduces the estimate.
+    again = log_prob(lambda z, t: z @ a.T, x, solver=SolverSpec("dopri5", atol=1e-8, rtol=1e-8),
+                     divergence="hutchinson", generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(again.log_prob, res.log_prob)
+
+
+def test_auto_divergence_switches_at_the_documented_dimension() -> None:
+    solver = SolverSpec("euler", steps=1)
+    small = log_prob(lambda x, t: -x, torch.zeros(2, EXACT_DIVERGENCE_MAX_DIM), solver=solver)
+    large = log_prob(lambda x, t: -x, torch.zeros(2, EXACT_DIVERGENCE_MAX_DIM + 1), solver=solver)
+    assert (small.estimator, large.estimator) == ("exact", "hutchinson")
+    assert EXACT_DIVERGENCE_MAX_DIM == 32
+    # div(-x) = -D, integrated over [0, 1]; Rademacher probes are exact for a diagonal Jacobian.
+    torch.testing.assert_close(small.divergence_integral, torch.full((2,), -32.0))
+    torch.testing.assert_close(large.divergence_integral, torch.full((2,), -33.0))
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+def test_image_shaped_input_matches_its_flattened_version_and_traces_all_dims() -> None:
+    shape = (5, 3, 2, 2)
+    dim = 12
+    net = FlatMap(dim, seed=9)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    t = torch.full((shape[0],), 0.4, dtype=torch.float64)
+
+    # The divergence is the trace of the full (C*H*W) x (C*H*W) Jacobian of each sample.
+    _, div = divergence(net, x, t)
+    for b in range(shape[0]):
+        jac = torch.autograd.functional.jacobian(lambda z: net(z.reshape(1, *shape[1:]), t[:1]).reshape(-1),
+                                                 x[b].reshape(-1))
+        torch.testing.assert_close(div[b], torch.trace(jac))
+    # The trace over channels at a single pixel (or over one channel's pixels) is a different number.
+    jac0 = torch.autograd.functional.jacobian(lambda z: net(z.reshape(1, *shape[1:]), t[:1]).reshape(-1),
+                                              x[0].reshape(-1))
+    assert abs(float(torch.diagonal(jac0)[::4].sum() - div[0])) > 1e-3
+
+    solver = SolverSpec("rk4", steps=10)
+    flat = x.reshape(shape[0], dim)
+    for estimator in ("exact", "hutchinson"):
+        img = log_prob(net, x, solver=solver, divergence=estimator, generator=torch.Generator().manual_seed(11))
+        vec = log_prob(net, flat, solver=solver, divergence=estimator, generator=torch.Generator().manual_seed(11))
+        assert img.x_noise.shape == shape
+        torch.testing.assert_close(img.log_prob, vec.log_prob, atol=1e-10, rtol=0)
+        torch.testing.assert_close(img.x_noise.reshape(shape[0], dim), vec.x_noise, atol=1e-10, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- directions
+def test_forward_and_reverse_integration_agree() -> None:
+    sigma_min = 0.1
+    velocity = mixture_velocity(CondOTPath(sigma_min=sigma_min))
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    forward = sample_with_log_prob(velocity, x0, solver=TIGHT)
+    backward = log_prob(velocity, forward.x_data, solver=TIGHT)
+    torch.testing.assert_close(backward.x_noise, x0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(backward.log_prob, forward.log_prob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(forward.prior_log_prob, standard_normal_log_prob(x0))
+    # Both directions agree with the known density of the samples, so neither has a sign error.
+    torch.testing.assert_close(forward.log_prob, mixture_log_density(forward.x_data, sigma_min), atol=1e-5, rtol=0)
+
+    # Same with a fixed-step solver: the two directions differ by the solver's (small) error only.
+    fwd = sample_with_log_prob(velocity, x0, solver=SolverSpec("rk4", steps=60))
+    bwd = log_prob(velocity, fwd.x_data, solver=SolverSpec("rk4", steps=60))
+    torch.testing.assert_close(bwd.log_prob, fwd.log_prob, atol=2e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- bits/dim
+def _expected_gaussian_log_density_per_dim(x_int: Tensor, var: float, uniform: bool) -> Tensor:
+    """E_w log N(y; 0, var) summed over dims, y = -1 + 2 (x + w) / 256: y is uniform on [lo, hi] per dim,
+    so E[y^2] = (lo^2 + lo hi + hi^2) / 3 (uniform) or the cell centre squared."""
+    lo = -1.0 + 2.0 * x_int.double() / 256
+    hi = lo + 2.0 / 256
+    ey2 = (lo * lo + lo * hi + hi * hi) / 3 if uniform else ((lo + hi) / 2) ** 2
+    return (-0.5 * math.log(2 * math.pi * var) - ey2 / (2 * var)).reshape(x_int.shape[0], -1).sum(1)
+
+
+def test_bits_per_dim_with_uniform_dequantization_matches_an_independent_computation() -> None:
+    sigma_min, var = 0.2, 0.25
+    final_var = var + sigma_min**2  # the model density of y is N(0, final_var I)
+    velocity = gaussian_velocity(CondOTPath(sigma_min=sigma_min), 0.0, var)
+    image = torch.tensor([[[[100, 128], [140, 200]]]], dtype=torch.uint8)  # (1, 1, 2, 2): D = 4
+    copies = 400
+    x = image.expand(copies, 1, 2, 2).clone()
+    res = bits_per_dim(velocity, x, solver=SolverSpec("dopri5", atol=1e-6, rtol=1e-6),
+                       generator=torch.Generator().manual_seed(13))
+    d = 4
+    assert res.num_dims == d and res.bpd.shape == (copies,)
+    assert res.log_det == pytest.approx(d * math.log(2 / 256))
+    bound = -(_expected_gaussian_log_density_per_dim(image, final_var, True) + d * math.log(2 / 256)) / (
+        d * math.log(2)
+    )
+    se = float(res.bpd.std()) / math.sqrt(copies)
+    assert abs(float(res.bpd.mean()) - float(bound)) < 4 * se + 2e-5, (float(res.bpd.mean()), float(bound), se)
+
+    # The bound sits just above the exact discrete bits/dim, -log2 P(x_int) / D with P the Gaussian mass of
+    # the cell [lo, hi] of each dim (Jensen's gap is tiny for a cell much narrower than the density).
+    lo = -1.0 + 2.0 * image.double() / 256
+    std = math.sqrt(final_var)
+    mass = torch.special.ndtr((lo + 2.0 / 256) / std) - torch.special.ndtr(lo / std)
+    exact_bpd = -torch.log2(mass).sum() / d
+    assert float(bound) >= float(exact_bpd) - 1e-9
+    assert float(bound - exact_bpd) < 1e-4
+
+    # Cell centres: deterministic, equal to the closed form (no Monte Carlo at all).
+    centre = bits_per_dim(velocity, image, solver=TIGHT, dequantize="center")
+    closed = -(_expected_gaussian_log_density_per_dim(image, final_var, False) + d * math.log(2 / 256)) / (
+        d * math.log(2)
+    )
+    assert float(centre.bpd[0]) == pytest.approx(float(closed), abs=1e-5)
+    # bpd_from_log_prob with num_bins is the same conversion; without it, the continuous one (7 bits less here).
+    assert float(bpd_from_log_prob(centre.likelihood.log_prob, d, num_bins=256)[0]) == pytest.approx(
+        float(centre.bpd[0]))
+    assert float(bpd_from_log_prob(centre.likelihood.log_prob, d)[0]) == pytest.approx(float(centre.bpd[0]) - 7.0)
+
+
+def test_dequantize_fills_each_cell_uniformly_and_accepts_integer_valued_floats() -> None:
+    x = torch.randint(0, 256, (2000, 3), generator=torch.Generator().manual_seed(14), dtype=torch.uint8)
+    y = dequantize(x, generator=torch.Generator().manual_seed(15))
+    offset = (y.double() + 1.0) * 128 - x.double()  # the dequantization noise w
+    assert float(offset.min()) >= -1e-4 and float(offset.max()) < 1 + 1e-4
+    assert abs(float(offset.mean()) - 0.5) < 0.02 and abs(float(offset.std()) - math.sqrt(1 / 12)) < 0.01
+    y01 = dequantize(x, data_range=(0.0, 1.0), generator=torch.Generator().manual_seed(15))
+    torch.testing.assert_close(y01, (y + 1) / 2)
+    torch.testing.assert_close(dequantize(x.float(), generator=torch.Generator().manual_seed(15)), y)
+    torch.testing.assert_close(dequantize(x.long(), method="center"), -1 + 2 * (x.float() + 0.5) / 256)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.full((2, 3), 0.5), r"x must hold integer values in \[0, 255\]"),
+        (torch.full((2, 3), 256.0), r"x must lie in \[0, 255\]"),
+        (torch.full((2, 3), -1, dtype=torch.int64), r"x must lie in \[0, 255\]"),
+        (torch.ones(2, 3, dtype=torch.bool), "x must be uint8"),
+        (torch.full((2, 3), float("nan")), "x contains non-finite"),
+        (torch.zeros(3, dtype=torch.uint8), r"x must have shape \(B, \.\.\.\)"),
+    ],
+)
+def test_bits_per_dim_rejects_bad_data_naming_the_argument(bad: Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        bits_per_dim(lambda x, t: -x, bad, solver=SolverSpec("euler", steps=1))
+
+
+def test_bits_per_dim_rejects_bad_settings_naming_the_argument() -> None:
+    x = torch.zeros(2, 3, dtype=torch.uint8)
+    euler = SolverSpec("euler", steps=1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        bits_per_dim(lambda x, t: -x, [[0, 1]], solver=euler)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_bins"):
+        bits_per_dim(lambda x, t: -x, x, solver=euler, num_bins=1)
+    with pytest.raises(ValueError, match="data_range"):
+        bits_per_dim(lambda x, t: -x, x, solver=euler, data_range=(1.0, -1.0))
+    with pytest.raises(ValueError, match="dequantize"):
+        bits_per_dim(lambda x, t: -x, x, solver=euler, dequantize="gaussian")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 15\]"):
+        bits_per_dim(lambda x, t: -x, x + 16, solver=euler, num_bins=16)
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+def test_gradients_flow_to_parameters_and_inputs_when_asked() -> None:
+    net = FlatMap(2, seed=16, hidden=3)
+    solver = SolverSpec("rk4", steps=6)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+
+    # Default: no graph, nothing to differentiate.
+    plain = log_prob(net, x, solver=solver)
+    assert not plain.log_prob.requires_grad
+
+    def objective() -> Tensor:
+        return log_prob(net, x, solver=solver, create_graph=True).log_prob.sum()
+
+    objective().backward()
+    with torch.no_grad():
+        for param in (net.w1, net.c):
+            grad = param.grad.clone()
+            flat = param.view(-1)
+            for i in range(flat.numel()):
+                old = float(flat[i])
+                flat[i] = old + 1e-6
+                up = float(objective())
+                flat[i] = old - 1e-6
+                down = float(objective())
+                flat[i] = old
+                assert grad.view(-1)[i].item() == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-7)
+    assert any(float(param.grad.abs().max()) > 1e-3 for param in (net.w1, net.c))
+
+    # Inputs that require grad switch gradients on by themselves (create_graph=None).
+    xg = x.clone().requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(log_prob(net, xg, solver=solver).log_prob.sum(), xg)
+    with torch.no_grad():
+        for b, j in ((0, 0), (2, 1)):
+            e = torch.zeros_like(x)
+            e[b, j] = 1e-6
+            fd = (log_prob(net, x + e, solver=solver).log_prob.sum() - log_prob(net, x - e, solver=solver)
+                  .log_prob.sum()) / 2e-6
+            assert grad_x[b, j].item() == pytest.approx(float(fd), rel=1e-5, abs=1e-7)
+
+    # Hutchinson with a fixed seed is a deterministic, differentiable function too.
+    def hutch() -> Tensor:
+        return log_prob(net, x, solver=solver, divergence="hutchinson", create_graph=True,
+                        generator=torch.Generator().manual_seed(18)).log_prob.sum()
+
+    net.zero_grad()
+    hutch().backward()
+    with torch.no_grad():
+        old = float(net.c)
+        net.c.fill_(old + 1e-6)
+        up = float(hutch())
+        net.c.fill_(old - 1e-6)
+        down = float(hutch())
+        net.c.fill_(old)
+    assert net.c.grad.item() == pytest.approx((up - down) / 2e-6, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- data sets
+def test_evaluate_log_prob_over_a_dataloader(capsys: pytest.CaptureFixture[str]) -> None:
+    mean, var, sigma_min = -0.2, 0.5, 0.3
+    final_var = var + sigma_min**2
+    velocity = gaussian_velocity(CondOTPath(sigma_min=sigma_min), mean, var)
+    data = mean + math.sqrt(final_var) * torch.randn(40, 3, generator=torch.Generator().manual_seed(19))
+    loader = DataLoader(TensorDataset(data), batch_size=16)
+    solver = SolverSpec("rk4", steps=20)
+    res = evaluate_log_prob(velocity, loader, solver=solver, progress=True)
+    expected = gaussian_log_density(data.double(), mean, final_var)
+    assert res.num_samples == 40 and res.num_dims == 3 and res.nfe == 3 * 80
+    torch.testing.assert_close(res.log_probs, expected, atol=2e-3, rtol=0)
+    assert res.mean_log_prob == pytest.approx(float(expected.mean()), abs=2e-3)
+    assert res.log_prob_std_error == pytest.approx(float(expected.std()) / math.sqrt(40), rel=1e-2)
+    assert res.mean_bpd == pytest.approx(-res.mean_log_prob / (3 * math.log(2)))
+    assert res.bpd_std_error == pytest.approx(res.log_prob_std_error / (3 * math.log(2)))
+    assert "log-likelihood" in capsys.readouterr().out
+
+    # Integer images through dequantization, stopping early.
+    images = torch.randint(0, 256, (50, 1, 2, 2), generator=torch.Generator().manual_seed(20), dtype=torch.uint8)
+    img_loader = DataLoader(TensorDataset(images, torch.zeros(50)), batch_size=10)
+    quant = evaluate_log_prob(velocity, img_loader, solver=solver, dequantize="center", max_batches=2)
+    direct = bits_per_dim(velocity, images[:20], solver=solver, dequantize="center")
+    assert quant.num_samples == 20 and quant.num_dims == 4
+    assert quant.mean_bpd == pytest.approx(float(direct.bpd.mean()), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_errors_name_the_bad_argument() -> None:
+    x = torch.zeros(2, 3)
+    euler = SolverSpec("euler", steps=1)
+    with pytest.raises(ValueError, match="divergence"):
+        log_prob(lambda z, t: -z, x, solver=euler, divergence="trace")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="probe"):
+        log_prob(lambda z, t: -z, x, solver=euler, probe="sphere")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_probes"):
+        log_prob(lambda z, t: -z, x, solver=euler, num_probes=0)
+    with pytest.raises(ValueError, match="t_start > t_end"):
+        log_prob(lambda z, t: -z, x, solver=euler, t_start=0.0, t_end=1.0)
+    with pytest.raises(ValueError, match="t_end must lie in"):
+        sample_with_log_prob(lambda z, t: -z, x, solver=euler, t_end=1.5)
+    with pytest.raises(ValueError, match="velocity"):
+        log_prob(lambda z, t: z[:, :2], x, solver=euler)
+    with pytest.raises(TypeError, match="solver"):
+        log_prob(lambda z, t: -z, x, solver="rk4")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="no_grad"):
+        log_prob(lambda z, t: (-z).detach(), x, solver=euler)

@@ -1,0 +1,211 @@
+"""Tests of ko_lightning.nets: shapes, time dependence, batch independence, sizes and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ko_lightning.nets import DIGITS_UNET_CONFIG, SinusoidalTimeEmbedding, TimeMLP, UNet
+
+
+def _perturb_output_layer(net: UNet, seed: int = 0) -> None:
+    """Give the zero-initialized output conv random weights so that the output reflects the whole network."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.conv_out.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _n_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- embedding
+def test_sinusoidal_embedding_values_and_shape() -> None:
+    emb = SinusoidalTimeEmbedding(16)
+    out = emb(torch.tensor([0.0, 0.5, 1.0]))
+    assert out.shape == (3, 16) and out.dtype == torch.float32
+    # t = 0: cos features are 1, sin features are 0
+    torch.testing.assert_close(out[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    # the first frequency is 1: feature 0 is cos(scale * t)
+    torch.testing.assert_close(out[1, 0], torch.cos(torch.tensor(500.0)))
+    # every row lies on a product of circles: cos^2 + sin^2 = 1 per frequency
+    torch.testing.assert_close(out[:, :8] ** 2 + out[:, 8:] ** 2, torch.ones(3, 8))
+
+
+def test_sinusoidal_embedding_odd_dim_scale_and_real_valued_input() -> None:
+    emb = SinusoidalTimeEmbedding(7, scale=1.0)
+    out = emb(torch.tensor([-12.0, 0.0, 3.5, 20.0]))  # log-SNR-like values outside [0, 1]
+    assert out.shape == (4, 7)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[:, -1] == 0)  # padding column
+    # distinct inputs give distinct embeddings
+    assert torch.cdist(out, out).fill_diagonal_(1.0).min() > 1e-3
+    with pytest.raises(ValueError, match="dim"):
+        SinusoidalTimeEmbedding(1)
+
+
+# ---------------------------------------------------------------------------------------------------- MLP
+@pytest.mark.parametrize("dim,batch", [(2, 5), (3, 1), (64, 17)])
+def test_time_mlp_shapes(dim: int, batch: int) -> None:
+    net = TimeMLP(dim=dim, hidden=32, depth=2, time_embed_dim=8)
+    out = net(torch.randn(batch, dim), torch.rand(batch))
+    assert out.shape == (batch, dim)
+
+
+def test_time_mlp_default_size_is_plain_4x512() -> None:
+    net = TimeMLP()
+    expected = (2 + 64) * 512 + 512 + 3 * (512 * 512 + 512) + 512 * 2 + 2
+    assert _n_params(net) == expected
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 5
+
+
+def test_time_mlp_time_dependence_scalar_t_and_batch_independence() -> None:
+    torch.manual_seed(0)
+    net = TimeMLP(dim=2, hidden=64, depth=3).eval()
+    x = torch.randn(8, 2)
+    out_a = net(x, torch.full((8,), 0.2))
+    out_b = net(x, torch.full((8,), 0.7))
+    assert (out_a - out_b).abs().max() > 1e-3
+    torch.testing.assert_close(net(x, torch.tensor(0.2)), out_a)  # a scalar t is broadcast
+    t = torch.rand(8)
+    full = net(x, t)
+    for i in (0, 5):
+        torch.testing.assert_close(net(x[i : i + 1], t[i : i + 1]), full[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_time_mlp_errors() -> None:
+    with pytest.raises(ValueError, match="activation"):
+        TimeMLP(activation="swishy")
+    with pytest.raises(ValueError, match="depth"):
+        TimeMLP(depth=0)
+    net = TimeMLP(dim=2, hidden=8, depth=1)
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(4, 3), torch.rand(4))
+    with pytest.raises(ValueError, match="t must have shape"):
+        net(torch.randn(4, 2), torch.rand(3))
+
+
+# --------------------------------------------------------------------------------------------------- UNet
+_SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, groups=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        (dict(in_channels=1, image_size=8, **_SMALL), (2, 1, 8, 8)),
+        (dict(in_channels=3, image_size=16, attention_resolutions=(8,), **_SMALL), (3, 3, 16, 16)),
+        (
+            dict(in_channels=3, image_size=32, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, groups=4),
+            (2, 3, 32, 32),
+        ),
+        (
+            dict(in_channels=3, image_size=64, base_channels=8, channel_mults=(1, 1, 2, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), groups=4, mid_attention=False),
+            (1, 3, 64, 64),
+        ),
+    ],
+)
+def test_unet_output_shapes_and_zero_init(kwargs: dict, shape: tuple[int, ...]) -> None:
+    net = UNet(**kwargs)
+    out = net(torch.randn(shape), torch.rand(shape[0]))
+    assert out.shape == shape
+    assert torch.all(out == 0)  # zero-initialized output conv
+
+
+def test_unet_out_channels() -> None:
+    net = UNet(in_channels=3, image_size=8, out_channels=6, **_SMALL)
+    assert net(torch.randn(2, 3, 8, 8), torch.rand(2)).shape == (2, 6, 8, 8)
+
+
+def test_unet_depends_on_t_and_on_x() -> None:
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, image_size=8, attention_resolutions=(4,), **_SMALL).eval()
+    _perturb_output_layer(net)
+    x = torch.randn(4, 1, 8, 8)
+    out_a = net(x, torch.full((4,), 0.1))
+    out_b = net(x, torch.full((4,), 0.9))
+    assert (out_a - out_b).abs().max() > 1e-4
+    out_c = net(x + 0.5 * torch.randn_like(x), torch.full((4,), 0.1))
+    assert (out_a - out_c).abs().max() > 1e-4
+    # a real-valued conditioning outside [0, 1] (e.g. log-SNR) is accepted
+    out_d = net(x, torch.tensor([-8.0, -1.0, 2.5, 9.0]))
+    assert torch.isfinite(out_d).all()
+    torch.testing.assert_close(net(x, torch.tensor(0.1)), out_a)  # scalar t broadcast
+
+
+def test_unet_batch_independence_in_eval_mode() -> None:
+    torch.manual_seed(1)
+    net = UNet(in_channels=1, image_size=8, attention_resolutions=(8, 4), **_SMALL).eval()
+    _perturb_output_layer(net)
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5)
+    full = net(x, t)
+    alone = net(x[2:3], t[2:3])
+    torch.testing.assert_close(alone, full[2:3], rtol=1e-4, atol=1e-5)
+    x2, t2 = x.clone(), t.clone()
+    x2[[0, 1, 3, 4]] = torch.randn(4, 1, 8, 8)
+    t2[[0, 1, 3, 4]] = torch.rand(4)
+    torch.testing.assert_close(net(x2, t2)[2], full[2], rtol=1e-4, atol=1e-5)
+
+
+def test_unet_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(2)
+    net = UNet(in_channels=1, image_size=8, attention_resolutions=(4,), **_SMALL)
+    _perturb_output_layer(net)
+    net(torch.randn(3, 1, 8, 8), torch.rand(3)).pow(2).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, missing
+
+
+def test_unet_dropout_only_in_train_mode() -> None:
+    torch.manual_seed(3)
+    net = UNet(in_channels=1, image_size=8, dropout=0.5, **_SMALL)
+    _perturb_output_layer(net)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    net.train()
+    assert (net(x, t) - net(x, t)).abs().max() > 0
+    net.eval()
+    torch.testing.assert_close(net(x, t), net(x, t))
+
+
+def test_unet_bf16_autocast_runs() -> None:
+    net = UNet(in_channels=1, image_size=8, **_SMALL)
+    _perturb_output_layer(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 1, 8, 8), torch.rand(2))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out.float()).all()
+
+
+def test_unet_digits_config_has_about_1_8m_parameters() -> None:
+    net = UNet(**DIGITS_UNET_CONFIG)
+    n = _n_params(net)
+    assert abs(n - 1.8e6) / 1.8e6 < 0.10, n
+    assert net(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(image_size=12, channel_mults=(1, 2, 2, 2)), "image_size"),
+        (dict(base_channels=20, groups=8), "groups"),
+        (dict(image_size=8, channel_mults=(1, 2), attention_resolutions=(2,)), "attention_resolutions"),
+        (dict(channel_mults=()), "channel_mults"),
+        (dict(num_res_blocks=0), "num_res_blocks"),
+        (dict(base_channels=24, groups=8, num_heads=5), "num_heads"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
+def test_unet_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        UNet(**kwargs)
+
+
+def test_unet_bad_input_shape() -> None:
+    net = UNet(in_channels=1, image_size=8, **_SMALL)
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(2, 1, 16, 16), torch.rand(2))
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(2, 3, 8, 8), torch.rand(2))
+    with pytest.raises(ValueError, match="t must have shape"):
+        net(torch.randn(2, 1, 8, 8), torch.rand(5))
