@@ -230,7 +230,7 @@ def _divergence_terms(
     terms = []
     num_probes = probes.shape[0]
     for k in range(num_probes):
-        eps = torch.randint(0, 2, probes[k].shape).to(probes.dtype) * 2 - 1
+        eps = probes[k]
         # vector-Jacobian product eps^T J, then (eps^T J) eps = eps^T J eps.
         (vjp,) = torch.autograd.grad(
             f, x, grad_outputs=eps, retain_graph=create_graph or k < num_probes - 1,
@@ -293,16 +293,20 @@ def _check_velocity_output(f: Any, x: Tensor) -> None:
 
 
 @contextmanager
-def _progress_bar(enabled: bool, description: str, total: float | None) -> Iterator[Callable[..., None]]:
-    """Yield ``update(completed, **fields)``; a rich progress bar when enabled, a no-op otherwise."""
+def _progress_bar(
+    enabled: bool, description: str, total: float | None, counted: bool
+) -> Iterator[Callable[..., None]]:
+    """Yield ``update(completed, **fields)``; a rich progress bar when enabled, a no-op otherwise.
+
+    ``counted``: show "done/total" (batches) rather than a percentage (fraction of the time interval).
+    """
     if not enabled:
         yield lambda completed, **fields: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[progress.description]{task.description}"), BarColumn()]
-    columns.append(MofNCompleteColumn() if total is not None and float(total).is_integer() else
-                   TextColumn("{task.percentage:>5.1f}%"))
+    columns.append(MofNCompleteColumn() if counted else TextColumn("{task.percentage:>5.1f}%"))
     columns += [TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*columns) as bar:
         task = bar.add_task(description, total=total, info="")
@@ -356,7 +360,7 @@ def _solve_augmented(
     span = t_hi - t_lo
     nfe = 0
 
-    with _progress_bar(progress, "log-likelihood ODE", 1.0) as update:
+    with _progress_bar(progress, "log-likelihood ODE", 1.0, counted=False) as update:
 
         def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             nonlocal nfe
@@ -781,7 +785,7 @@ def evaluate_log_prob(
     num_dims: int | None = None
     nfe = 0
     running_sum, running_count = 0.0, 0
-    with _progress_bar(progress, "log-likelihood", total) as update:
+    with _progress_bar(progress, "log-likelihood", total, counted=True) as update:
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break

@@ -123,10 +123,13 @@ def integrate(
     nfe = 0
     batch = x0.shape[0]
 
+    t_low, t_high = min(t_start, t_end), max(t_start, t_end)
+
     def rhs(t: Tensor, x: Tensor) -> Tensor:
         nonlocal nfe
         nfe += 1
-        return velocity(x, t.to(x.dtype).expand(batch))
+        # Adaptive Runge-Kutta stages may probe a hair beyond the span; paths are only defined on [0, 1].
+        return velocity(x, t.to(x.dtype).clamp(t_low, t_high).expand(batch))
 
     time_dtype = x0.dtype if x0.dtype == torch.float64 else torch.float32
     if time_points is None:
@@ -137,7 +140,8 @@ def integrate(
     if solver.adaptive:
         atol = 1e-5 if solver.atol is None else solver.atol
         rtol = 1e-5 if solver.rtol is None else solver.rtol
-        path = odeint(rhs, x0, times, method=method, atol=atol, rtol=rtol)
+        # step_t makes the solver step exactly onto the end time instead of stepping past it and interpolating.
+        path = odeint(rhs, x0, times, method=method, atol=atol, rtol=rtol, options={"step_t": times[-1:]})
     else:
         steps = int(solver.steps)  # type: ignore[arg-type]
 

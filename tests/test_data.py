@@ -246,7 +246,7 @@ def test_image_grayscale_folder_and_3d_npz(tmp_path: Path) -> None:
     gray = _make_images(6)[..., 0]
     (tmp_path / "g").mkdir()
     for i, im in enumerate(gray):
-        Image.fromarray(im, mode="L").save(tmp_path / "g" / f"{i}.png")
+        Image.fromarray(im).save(tmp_path / "g" / f"{i}.png")
     np.savez(tmp_path / "g.npz", images=gray)
     assert load_images(tmp_path / "g").shape == (6, 1, 8, 8)
     assert torch.equal(load_images(tmp_path / "g"), load_images(tmp_path / "g.npz"))

@@ -104,8 +104,10 @@ def test_identical_sets_have_zero_fid(cache_dir: Path, digits: dict[str, Tensor]
     # uint8 input is taken as is: the same images as uint8 give the same (zero) FID against the float version.
     as_uint8 = to_uint8_images(test)
     assert as_uint8.dtype == torch.uint8
-    again = compute_fid_kid(as_uint8, test, cache_dir=cache_dir, kid=False, cuda=False)
+    again = compute_fid_kid(as_uint8, test, cache_dir=cache_dir, kid=False, isc=True, cuda=False)
     assert abs(again.fid) < 1e-6 and again.kid_mean is None
+    # Real digits of all ten classes, classified confidently: an Inception Score well above 1 and at most 10.
+    assert again.isc_mean is not None and 5.0 < again.isc_mean <= 10.0
 
 
 def test_fid_grows_monotonically_with_noise(cache_dir: Path, digits: dict[str, Tensor]) -> None:
@@ -159,8 +161,9 @@ def test_fid_and_kid_agree_with_an_independent_computation(cache_dir: Path, digi
 # ------------------------------------------------------------------------------------------- caching
 def test_reference_statistics_are_cached_by_name(cache_dir: Path, digits: dict[str, Tensor]) -> None:
     gen, ref = _noisy(digits["test"], 0.2), digits["test"]
-    first = compute_fid_kid(gen, ref, reference_name="digits-test", cache_dir=cache_dir, kid_subset_size=100, cuda=False)
-    cached = compute_fid_kid(gen, None, reference_name="digits-test", cache_dir=cache_dir, kid_subset_size=100, cuda=False)
+    kwargs = dict(reference_name="digits-test", cache_dir=cache_dir, kid_subset_size=100, cuda=False)
+    first = compute_fid_kid(gen, ref, **kwargs)
+    cached = compute_fid_kid(gen, None, **kwargs)
     assert cached.fid == first.fid and cached.kid_mean == first.kid_mean
     assert cached.n_reference == 180 and cached.reference_name == "digits-test"
     files = sorted(p.name for p in (cache_dir / "fidelity").iterdir() if p.name.startswith("digits-test-"))
@@ -194,6 +197,16 @@ def test_bad_images_raise_errors_naming_the_argument(
     ref = torch.rand(10, 1, 8, 8) if reference is None else reference
     with pytest.raises(ValueError, match=match):
         compute_fid_kid(generated, ref, cache_dir=cache_dir, kid=False, cuda=False)
+
+
+def test_float_images_are_quantized_like_8_bit_pngs() -> None:
+    x = torch.tensor([0.0, 0.2, 0.5, 1.0]).reshape(1, 1, 2, 2)
+    assert to_uint8_images(x).flatten().tolist() == [0, 51, 128, 255]
+    assert to_uint8_images(2.0 * x - 1.0, value_range=(-1.0, 1.0)).flatten().tolist() == [0, 51, 128, 255]
+    u = torch.tensor([[[[3, 200]]]], dtype=torch.uint8)
+    assert torch.equal(to_uint8_images(u), u)  # uint8 is taken as is
+    with pytest.raises(ValueError, match="value_range must be"):
+        to_uint8_images(x, value_range=(1.0, 0.0))
 
 
 def test_too_few_samples_for_the_kid_subset(cache_dir: Path, digits: dict[str, Tensor]) -> None:
@@ -262,19 +275,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# Run in fresh interpreters (not mp.spawn, which would re-import this module and Lightning in each child).
+# Fresh interpreters (not mp.spawn, which would re-import this module, scipy and Lightning in each child). The
+# children exercise the collectives only; they never import torch-fidelity (slow), since the invalid-input path
+# raises before any feature is extracted.
 _DDP_SCRIPT = r"""
 import sys
 import torch
 import torch.distributed as dist
-from ko_lightning.metrics.fid import all_gather_samples, compute_fid_kid
+from ko_lightning.metrics.fid import _broadcast_numbers, all_gather_samples, compute_fid_kid
 
-rank, world, port, cache_dir, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+rank, world, port, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 out = {}
 try:
     out["gathered"] = all_gather_samples(torch.full((rank + 2, 3), float(rank)))  # 2 rows on rank 0, 3 on rank 1
+    out["gathered_u8"] = all_gather_samples(torch.full((1, 1, 2, 2), rank + 7, dtype=torch.uint8))
     errors = []
     for bad in (torch.zeros(2, 3 + rank), torch.zeros(2, 3, dtype=torch.float64 if rank else torch.float32)):
         try:
@@ -282,29 +298,26 @@ try:
         except ValueError as exc:
             errors.append(str(exc))
     out["mismatch"] = errors
-    data = torch.load(f"{work}/data.pt")
-    test, train = data["test"], data["train"]
-    local = test[:100] if rank == 0 else test[100:]  # contiguous halves: the gathered set is test, in order
-    kwargs = dict(cache_dir=cache_dir, kid_subset_size=100, kid_subsets=10, cuda=False, gather_across_ranks=True)
-    try:  # invalid samples on rank 1 only: both ranks must raise, neither may hang in a collective
-        compute_fid_kid(local * (3.0 if rank else 1.0), train, **kwargs)
+    out["broadcast"] = _broadcast_numbers([float(rank), 2.5])
+    images = torch.rand(5, 1, 8, 8) * (3.0 if rank else 1.0)  # out of range on rank 1 only
+    try:  # both ranks must raise, and neither may hang in a collective
+        compute_fid_kid(images, images, kid=False, cuda=False, gather_across_ranks=True)
         out["bad_input"] = "no error"
     except ValueError as exc:
         out["bad_input"] = str(exc)
-    out["result"] = compute_fid_kid(local, train, **kwargs)
 finally:
     torch.save(out, f"{work}/rank{rank}.pt")
     dist.destroy_process_group()
 """
 
 
-def test_fid_is_computed_identically_on_every_rank(cache_dir: Path, digits: dict[str, Tensor], tmp_path: Path) -> None:
+def test_all_gather_samples_across_two_gloo_processes(tmp_path: Path) -> None:
     world, port = 2, _free_port()
-    torch.save({"test": digits["test"], "train": digits["train"]}, tmp_path / "data.pt")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *sys.path]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _DDP_SCRIPT, str(r), str(world), str(port), str(cache_dir), str(tmp_path)],
+            [sys.executable, "-c", _DDP_SCRIPT, str(r), str(world), str(port), str(tmp_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for r in range(world)
@@ -320,15 +333,32 @@ def test_fid_is_computed_identically_on_every_rank(cache_dir: Path, digits: dict
     expected_rows = torch.cat([torch.full((2, 3), 0.0), torch.full((3, 3), 1.0)])
     for out in outs:
         assert torch.equal(out["gathered"], expected_rows)
+        assert out["gathered_u8"].dtype == torch.uint8 and out["gathered_u8"].flatten().tolist() == [7] * 4 + [8] * 4
         assert len(out["mismatch"]) == 2 and all("ranks disagree" in e for e in out["mismatch"])
+        assert out["broadcast"] == [0.0, 2.5]  # rank 0's numbers everywhere
     assert "generated has values" in outs[1]["bad_input"] and "another rank" in outs[0]["bad_input"]
-    r0, r1 = outs[0]["result"], outs[1]["result"]
-    assert r0 == r1 and r0.n_generated == 180
-    single = compute_fid_kid(
-        digits["test"], digits["train"], cache_dir=cache_dir, kid_subset_size=100, kid_subsets=10, cuda=False
-    )
-    assert r0.fid == pytest.approx(single.fid, rel=1e-6)
-    assert r0.kid_mean == pytest.approx(single.kid_mean, rel=1e-6)
+
+
+def test_gathered_fid_equals_the_fid_of_the_full_set(
+    cache_dir: Path, digits: dict[str, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank holds half of the samples; with a (simulated) two-rank all-gather every rank computes the metric
+    on the whole set, identically, and equal to the single-process result."""
+    import ko_lightning.metrics.fid as fid_module
+
+    test, train = digits["test"], digits["train"]
+    halves = [test[:100], test[100:]]
+    broadcasts: list[list[float]] = []
+    monkeypatch.setattr(fid_module, "_dist_active", lambda: True)
+    monkeypatch.setattr(fid_module, "_any_rank", lambda flag: flag)
+    monkeypatch.setattr(fid_module, "all_gather_samples", lambda x: torch.cat([to_uint8_images(h) for h in halves]))
+    monkeypatch.setattr(fid_module, "_broadcast_numbers", lambda v: broadcasts.append(v) or v)
+    kwargs = dict(cache_dir=cache_dir, kid_subset_size=100, kid_subsets=10, cuda=False)
+    per_rank = [compute_fid_kid(h, train, gather_across_ranks=True, **kwargs) for h in halves]
+    assert per_rank[0] == per_rank[1] and per_rank[0].n_generated == 180 and len(broadcasts) == 2
+    monkeypatch.setattr(fid_module, "_dist_active", lambda: False)
+    single = compute_fid_kid(test, train, **kwargs)
+    assert per_rank[0] == single
 
 
 def test_gather_is_a_no_op_without_a_process_group() -> None:

@@ -100,6 +100,23 @@ def test_estimator_kernel_matches_unchunked_float64_and_chunking_does_not_matter
         torch.testing.assert_close(other, results[0], rtol=0, atol=1e-6)
 
 
+def test_overflow_fallback_matches_float64() -> None:
+    """Noise aligned with the data makes a foreign point beat the query's own point by > 88 nats: the kernel's
+    fixed reference would overflow in fp32, and the log-sum-exp fallback must take over."""
+    data = _data(64, 6, 11)
+    theta = torch.tensor([0.3, 0.8, 1.2], dtype=torch.float64)
+    y = DataNormalization.from_data(data).normalize(data)
+    index = torch.tensor([0, 1, 2, 3])
+    direction = y[10] - y[0]
+    noise = torch.zeros(4, 6)
+    noise[0] = 400.0 * direction / direction.norm()
+    noise[1:] = torch.randn(3, 6, generator=torch.Generator().manual_seed(12))
+    sums = separation_sums_from_queries(data, theta, index, noise, data_chunk=16)
+    ref_mse, _ = _reference_sums(data, theta, index, noise)
+    assert bool(torch.isfinite(sums.sq_error).all())
+    torch.testing.assert_close(sums.sq_error / sums.count, ref_mse, rtol=1e-4, atol=1e-5)
+
+
 def test_partial_sums_of_two_halves_equal_one_pass() -> None:
     data = _data(200, 8, 4)
     theta = default_theta_grid(12)

@@ -157,3 +157,12 @@ def test_bad_counts_and_smoothing() -> None:
         SeparationFunction(th, lam, smoothing=-1.0)
     with pytest.raises(ValueError, match="snr"):
         SeparationFunction(th, lam).at_snr(torch.tensor([-1.0]))
+
+
+def test_numpy_and_torch_evaluations_agree() -> None:
+    th = default_theta_grid(50)
+    for lam in (SeparationFunction(th, _random_lam(th, 2), smoothing=1.0), SeparationFunction.constant_one(th)):
+        probe = torch.cat([torch.linspace(0.0, math.pi / 2, 999, dtype=torch.float64), th, th[:1] / 3])
+        torch.testing.assert_close(
+            torch.from_numpy(lam.gamma_array(probe.numpy())), lam.gamma(probe), rtol=0, atol=1e-14
+        )

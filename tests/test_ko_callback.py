@@ -129,32 +129,41 @@ def _val_loss(model: FlowMatching, data: torch.Tensor) -> float:
         return float(model.loss(data, generator=gen))
 
 
-@pytest.mark.parametrize("parametrization", ["polar_v", "velocity"])
-def test_schedule_swap_with_and_without_the_path_invariant_parametrization(tmp_path, parametrization) -> None:
-    """Train on Cond-OT, swap to the cosine path, and compare the new path's validation loss right after the swap
-    with its value after 300 further steps on the new path (the settled value).
+def _swap_ratio(tmp_path, parametrization: str, held_out: torch.Tensor, dm: Toy2DDataModule) -> float:
+    """Train 400 steps on Cond-OT, swap to the cosine path at that step boundary (same optimizer), train 300 more.
 
-    Measured on this setting (2D checkerboard, 3x64 MLP, 400 + 300 steps): polar_v ratio about 1.0, velocity
-    ratio above 2. Bound asserted: polar_v <= 1.15, velocity >= 1.5.
+    Returns (validation loss on the new path right after the swap) / (the same after the 300 further steps).
     """
-    L.seed_everything(0)
-    dm = _toy(n_train=16_384, batch_size=512)
-    dm.setup("fit")
-    dm.setup("test")
-    held_out = torch.cat(list(dm.test_dataloader()))
+
+    class Swap(L.Callback):
+        after = float("nan")
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN002
+            if trainer.global_step == 400:
+                pl_module.set_path(CosinePath())
+                Swap.after = _val_loss(pl_module, held_out)
+
     torch.manual_seed(0)
     model = FlowMatching(TimeMLP(dim=2, hidden=64, depth=3), path=CondOTPath(), parametrization=parametrization,
                          train_seed=0)
-    _trainer(tmp_path / "a", 400, [], enable_checkpointing=False).fit(model, dm)
-    model.set_path(CosinePath())
-    after_swap = _val_loss(model, held_out)
-    _trainer(tmp_path / "b", 300, [], enable_checkpointing=False).fit(model, dm)
-    settled = _val_loss(model, held_out)
-    ratio = after_swap / settled
-    if parametrization == "polar_v":
-        assert ratio <= 1.15, (after_swap, settled)
-    else:
-        assert ratio >= 1.5, (after_swap, settled)
+    _trainer(tmp_path / parametrization, 700, [Swap()], enable_checkpointing=False).fit(model, dm)
+    return Swap.after / _val_loss(model, held_out)
+
+
+def test_schedule_swap_keeps_the_path_invariant_network_valid(tmp_path) -> None:
+    """Measured here (2D checkerboard, 3x64 MLP, batch 512, 8192 held-out points): polar_v 1.00, velocity about
+    1.15 to 1.2 (the velocity network must relearn u_t for the new path). Asserted: polar_v <= 1.04,
+    velocity >= 1.08."""
+    L.seed_everything(0)
+    dm = Toy2DDataModule("checkerboard", n_train=16_384, n_val=512, n_test=8_192, batch_size=512, seed=0)
+    dm.setup("fit")
+    dm.setup("test")
+    held_out = torch.cat(list(dm.test_dataloader()))
+    polar = _swap_ratio(tmp_path, "polar_v", held_out, dm)
+    velocity = _swap_ratio(tmp_path, "velocity", held_out, dm)
+    print(f"swap ratio: polar_v {polar:.4f}, velocity {velocity:.4f}")
+    assert polar <= 1.04, polar
+    assert velocity >= 1.08, velocity
 
 
 # ---------------------------------------------------------------------- no-ops and failures

@@ -96,3 +96,16 @@ def test_trajectory_at_requested_time_points() -> None:
 def test_solver_knob_errors_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SolverSpec(**kwargs)
+
+
+def test_adaptive_solver_never_evaluates_outside_the_span() -> None:
+    seen: list[float] = []
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.extend(t.tolist())
+        return torch.sin(5 * x) + t[:, None]
+
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(5))
+    for tol in (1e-3, 1e-6):
+        integrate(velocity, x0, SolverSpec("dopri5", atol=tol, rtol=tol))
+    assert min(seen) >= 0.0 and max(seen) <= 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -12,6 +14,14 @@ from ko_lightning.data.base import derive_seed, make_loader, moment_normalizatio
 __all__ = ["DigitsDataModule"]
 
 _MAX_PIXEL = 16.0
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits_pixels() -> Tensor:
+    """The 1797 x 64 raw pixel values (0..16) of ``sklearn.datasets.load_digits``, read once per process."""
+    from sklearn.datasets import load_digits  # bundled with sklearn: no download
+
+    return torch.as_tensor(load_digits().data, dtype=torch.float32)
 
 
 class DigitsDataModule(L.LightningDataModule):
@@ -77,9 +87,7 @@ class DigitsDataModule(L.LightningDataModule):
         """Load, split and normalize (once; later calls do nothing)."""
         if self._splits:
             return
-        from sklearn.datasets import load_digits  # bundled with sklearn: no download
-
-        raw = torch.as_tensor(load_digits().data, dtype=torch.float32)  # (1797, 64), values 0..16
+        raw = _load_digits_pixels()  # (1797, 64), values 0..16; never modified in place
         sizes = split_sizes(raw.shape[0], self.val_fraction, self.test_fraction)
         if self.batch_size > sizes[0]:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {sizes[0]} training images")
@@ -87,7 +95,9 @@ class DigitsDataModule(L.LightningDataModule):
         self.indices = {"train": train_idx, "val": val_idx, "test": test_idx}
         mean, scale = moment_normalization(raw[train_idx])
         self.mean, self.scale = mean.reshape(self.data_shape), scale
-        self._splits = {name: self.normalize(raw[idx].reshape(-1, *self.data_shape)) for name, idx in self.indices.items()}
+        self._splits = {
+            name: self.normalize(raw[idx].reshape(-1, *self.data_shape)) for name, idx in self.indices.items()
+        }
 
     def _stats(self) -> tuple[Tensor, Tensor]:
         if self.mean is None or self.scale is None:

@@ -255,7 +255,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+        bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
+        if image_size is not None and bad_size:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         split_sizes(100, val_fraction)  # validates val_fraction early
         for name, value in (("path", path), ("test_path", test_path)):

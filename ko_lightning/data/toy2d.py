@@ -7,6 +7,7 @@ and normalizes them as in ko-math §2 (mean 0, per-dimension second moment 1).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import lightning as L
@@ -27,9 +28,13 @@ __all__ = [
 
 
 def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    try:
+        value = operator.index(n)  # accepts Python and NumPy integers, rejects floats
+    except TypeError:
+        value = -1
+    if isinstance(n, bool) or value < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    return n
+    return value
 
 
 def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -50,7 +55,7 @@ def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Ten
         >>> bool(on_checkerboard(x).all())
         True
     """
-    _check_n(n)
+    n = _check_n(n)
     corners = torch.tensor(
         [(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0], dtype=torch.float32
     )  # (8, 2) lower-left corners of the black cells
@@ -89,7 +94,7 @@ def sample_eight_gaussians(
         >>> sample_eight_gaussians(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
     """
-    _check_n(n)
+    n = _check_n(n)
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
     k = torch.randint(0, 8, (n,), generator=generator).float()
@@ -116,7 +121,7 @@ def sample_moons(n: int, generator: torch.Generator | None = None, noise: float 
         >>> sample_moons(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
     """
-    _check_n(n)
+    n = _check_n(n)
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     lower = torch.randint(0, 2, (n,), generator=generator).bool()
@@ -184,7 +189,9 @@ class Toy2DDataModule(L.LightningDataModule):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if batch_size > n_train:
-            raise ValueError(f"batch_size={batch_size} exceeds n_train={n_train}; the train loader drops the last batch")
+            raise ValueError(
+                f"batch_size={batch_size} exceeds n_train={n_train}; the train loader drops the last incomplete batch"
+            )
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(logger=False)

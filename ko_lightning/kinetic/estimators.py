@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from ko_lightning.kinetic.normalization import DataNormalization
-from ko_lightning.kinetic.posterior import data_chunk_fp32, online_softmax_update
+from ko_lightning.kinetic.posterior import (
+    accumulate_weighted,
+    data_chunk_fp32,
+    exp_clamped_,
+    online_softmax_update,
+)
 from ko_lightning.kinetic.separation import SeparationFunction, check_theta_grid, default_theta_grid
 from ko_lightning.paths.base import GaussianPath
 
@@ -155,15 +160,17 @@ def separation_sums_from_queries(
 
     With normalized data ``y_i`` and ``s = tan theta`` (path ``alpha = sin theta``, ``sigma = cos theta``), query
     ``j`` at angle ``theta`` is ``x = sin(theta) y_{i_j} + cos(theta) eps_j`` and contributes
-    ``||y_{i_j} - E[y | x]||^2 / d`` (and the control variate of :class:`SeparationSums`), where ``E[y | x] = sum_k softmax_k(l_k) y_k`` with logits
+    ``||y_{i_j} - E[y | x]||^2 / d`` (and the control variate of :class:`SeparationSums`), where
+    ``E[y | x] = sum_k softmax_k(l_k) y_k`` with logits
 
-        ``l_k = s^2 (y_{i_j} . y_k - ||y_k||^2 / 2) + s (eps_j . y_k)``.
+        ``l_k = -s^2 ||y_{i_j} - y_k||^2 / 2 + s eps_j . (y_k - y_{i_j})``  (relative to the query's own point).
 
     The same queries serve every angle (common random numbers: the error of the curve is smooth in theta), so the
     two matmuls ``Y_q Y^T`` and ``E Y^T`` of a block are shared by all angles; the weighted sums are streamed
-    over data chunks with a running log-sum-exp (fp32), and at high SNR only the data points that carry weight
-    enter the weighted sum. Peak temporaries: ``R x data_chunk`` logits with ``R <= query_chunk`` rows (query x
-    angle pairs), ``R x d`` sums, ``2 x data_chunk x d`` data and the ``Q x d`` queries themselves.
+    over data chunks (fp32; the own point's logit 0 is the reference, with a log-sum-exp fallback should some
+    weight overflow), and at high SNR only the data points that carry weight enter the weighted sum. Peak
+    temporaries: ``R x data_chunk`` logits with ``R <= query_chunk`` rows (query x angle pairs), ``R x d``
+    sums, ``2 x data_chunk x d`` data and the ``Q x d`` queries themselves.
 
     Args:
         data: the finite set, ``(n, ...)``, any dtype/device (converted chunk by chunk).
@@ -201,6 +208,11 @@ def separation_sums_from_queries(
     snr = torch.tan(theta64)
     per_block = max(1, query_chunk // n_theta)  # queries per block
     theta_block = max(1, min(n_theta, query_chunk // per_block))  # angles per block
+    # Work buffers reused across blocks (fresh large CPU allocations per chunk cost page faults).
+    c_max = min(data_chunk, n)
+    grams_buf = torch.empty(2 * per_block * c_max, device=dev)
+    logits_buf = torch.empty(theta_block * per_block * c_max, device=dev)
+    y_buf = torch.empty(c_max * d, device=dev)
     sums = [torch.zeros(n_theta, dtype=torch.float64) for _ in range(6)]
     sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross = sums
     for g0 in range(0, n_theta, theta_block):
@@ -211,18 +223,37 @@ def separation_sums_from_queries(
             yq, eps = yq_all[q0 : q0 + per_block], eps_all[q0 : q0 + per_block]
             n_b = yq.shape[0]
             rows = n_g * n_b
+            own_sq, own_eps = (yq * yq).sum(1), (eps * yq).sum(1)
             run_max = torch.full((rows,), -math.inf, device=dev)
             run_sum = torch.zeros(rows, device=dev)
             acc = torch.zeros(rows, d, device=dev)
-            for d0 in range(0, n, data_chunk):
-                y, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev)
-                grams = torch.empty(2, n_b, y.shape[0], device=dev)
-                torch.mm(yq, y.T, out=grams[0])
-                torch.mm(eps, y.T, out=grams[1])
-                grams[0].sub_(0.5 * ysq)
-                # logits of every (angle, query) row in one small-K matmul: [s^2, s] @ [Y_q Y^T - |y|^2/2; E Y^T]
-                logits = (coeffs @ grams.view(2, -1)).view(rows, y.shape[0])
-                online_softmax_update(logits, run_max, run_sum, acc, y, groups=n_g)
+            for fixed_reference in (True, False):
+                for d0 in range(0, n, data_chunk):
+                    y, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev, y_buf)
+                    c = y.shape[0]
+                    grams = grams_buf[: 2 * n_b * c].view(2, n_b, c)
+                    # Logits relative to the query's own data point k = i (its logit is 0):
+                    #   l_k - l_i = -s^2 ||y_i - y_k||^2 / 2 + s eps.(y_k - y_i),
+                    # so the maximum is about 0 and no running maximum is needed (one pass less per chunk).
+                    torch.mm(yq, y.T, out=grams[0])
+                    grams[0].sub_(0.5 * ysq).sub_(0.5 * own_sq[:, None])
+                    torch.mm(eps, y.T, out=grams[1])
+                    grams[1].sub_(own_eps[:, None])
+                    # every (angle, query) row in one small-K matmul: [s^2, s] @ [-|y_i - y_k|^2 / 2; eps.(y_k - y_i)]
+                    logits = logits_buf[: rows * c].view(n_g, n_b * c)
+                    torch.mm(coeffs, grams.view(2, -1), out=logits)
+                    if fixed_reference:
+                        probs = exp_clamped_(logits.view(rows, c))
+                        run_sum.add_(probs.sum(1))
+                        accumulate_weighted(probs, acc, y, groups=n_g)
+                    else:
+                        online_softmax_update(logits.view(rows, c), run_max, run_sum, acc, y, groups=n_g)
+                # exp overflows only if some point beats the own one by > 88 nats (noise aligned with the data);
+                # then redo the block with the running-maximum (log-sum-exp) update.
+                if bool(torch.isfinite(run_sum).all()) and bool(torch.isfinite(acc).all()):
+                    break
+                run_sum.zero_()
+                acc.zero_()
             post = (acc / run_sum[:, None]).view(n_g, n_b, d)
             err = (((yq[None] - post) ** 2).sum(-1) / d).double()  # A = ||y - E[y|x]||^2 / d, (n_g, n_b)
             cv = err - (1.0 - ((post**2).sum(-1) / d).double())  # D = A - B, B = 1 - ||E[y|x]||^2 / d
@@ -277,9 +308,9 @@ def estimate_separation_from_data(
 
     ``1 - lambda(s) = (1/d) E||y - E[y | x_t]||^2`` on ``y = (x - mean) / sqrt(v)``, with the exact posterior mean
     over the set (:func:`separation_sums_from_queries`), and ``1 - ||E[y | x_t]||^2 / d`` as control variate
-    (:class:`SeparationSums`), so the estimate is precise at both ends of the SNR range. Queries: ``n_queries`` data points drawn as whole
-    random permutations, and one standard normal noise each, shared by all angles. Memory: the ``n_queries x d``
-    queries plus temporaries bounded by ``query_chunk`` and ``data_chunk``.
+    (:class:`SeparationSums`), so the estimate is precise at both ends of the SNR range. Queries: ``n_queries``
+    data points drawn as whole random permutations, and one standard normal noise each, shared by all angles.
+    Memory: the ``n_queries x d`` queries plus temporaries bounded by ``query_chunk`` and ``data_chunk``.
 
     Args:
         x: data, ``(n, ...)``; normalized internally.
@@ -345,11 +376,12 @@ def separation_sums_from_model(
     norm = DataNormalization.from_data(x1) if normalization is None else normalization
     theta64 = check_theta_grid(default_theta_grid() if theta is None else theta, "theta")
     v = norm.second_moment
-    times = _model_times(path, theta64, v).to(x1.device)
+    times = _model_times(path, theta64.to(x1.device), v)  # on x1's device, like the predictor's inputs
     coeffs = path(times)
     gen = _default_generator(generator)
     d = x1[0].numel()
-    sq_error, count, sq_error_sq = (torch.zeros(theta64.numel(), dtype=torch.float64) for _ in range(3))
+    sums = [torch.zeros(theta64.numel(), dtype=torch.float64, device=x1.device) for _ in range(3)]
+    sq_error, count, sq_error_sq = sums
     for b0 in range(0, x1.shape[0], batch_size):
         xb = x1[b0 : b0 + batch_size].float()
         n_b = xb.shape[0]
@@ -361,10 +393,10 @@ def separation_sums_from_model(
                 raise ValueError(f"x1_predictor returned shape {tuple(pred.shape)}, expected {tuple(xb.shape)}")
             err = ((xb - pred.float()) ** 2).reshape(n_b, d).sum(1) / (d * v)  # the mean cancels in x1 - x1_hat
             err = err.double()
-            sq_error[g] += float(err.sum())
-            sq_error_sq[g] += float((err * err).sum())
+            sq_error[g] += err.sum()
+            sq_error_sq[g] += (err * err).sum()
             count[g] += n_b
-    return SeparationSums(theta64.cpu(), sq_error, count, sq_error_sq)
+    return SeparationSums(theta64.cpu(), sq_error.cpu(), count.cpu(), sq_error_sq.cpu())
 
 
 def estimate_separation_from_model(
@@ -384,7 +416,8 @@ def estimate_separation_from_model(
     the MMSE, tight as the model improves; it measures the population rather than the training set.
 
     Args:
-        x1_predictor: ``x1_predictor(x_t, t) -> x1_hat`` in data units, ``t`` of shape ``(B,)``.
+        x1_predictor: ``x1_predictor(x_t, t) -> x1_hat`` in data units, ``t`` of shape ``(B,)`` (put a network
+            in eval mode first; calls run under ``torch.no_grad``).
         path: the path the predictor was trained on.
         x1: data samples ``(n, ...)`` in the units the predictor sees.
         theta: angle grid (default :func:`default_theta_grid`); every angle must be reachable on ``path``.

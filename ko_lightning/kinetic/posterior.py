@@ -19,14 +19,69 @@ LOGIT_FLOOR = -60.0
 
 
 def data_chunk_fp32(
-    data: Tensor, start: int, stop: int, normalization: DataNormalization | None, device: torch.device
+    data: Tensor,
+    start: int,
+    stop: int,
+    normalization: DataNormalization | None,
+    device: torch.device,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Rows ``start:stop`` of flattened ``data`` as fp32 on ``device`` (normalized if asked) and their squared norms."""
-    y = data[start:stop].to(device=device, dtype=torch.float32)
+    """Rows ``start:stop`` of flattened ``data`` as fp32 on ``device`` (normalized if asked) and their squared norms.
+
+    ``out`` (a flat fp32 buffer of at least ``(stop - start) * d`` elements) is reused when a copy is needed:
+    large temporaries freshly allocated per chunk cost page faults on CPU.
+    """
+    chunk = data[start:stop]
+    if normalization is None and chunk.dtype == torch.float32 and chunk.device == device:
+        y = chunk
+    elif out is not None:
+        y = out[: chunk.numel()].view(chunk.shape).copy_(chunk)
+    else:
+        y = chunk.to(device=device, dtype=torch.float32, copy=True)
     if normalization is not None:
         mean = normalization.mean.reshape(1, -1).to(device=device, dtype=torch.float32)
-        y = (y - mean).mul_(1.0 / math.sqrt(normalization.second_moment))
+        y.sub_(mean).mul_(1.0 / math.sqrt(normalization.second_moment))
     return y, (y * y).sum(1)
+
+
+def accumulate_weighted(probs: Tensor, acc: Tensor, y: Tensor, groups: int = 1, prune: bool = True) -> None:
+    """``acc += probs @ y``, skipping negligible columns.
+
+    Args:
+        probs: ``(R, C)`` non-negative weights, each row scaled so its largest weight is about 1 or more.
+        acc: ``(R, D)`` running weighted sum.
+        y: ``(C, D)`` data chunk.
+        groups: the rows form this many consecutive equal blocks (e.g. one SNR each); pruning is decided per
+            block, and the leading blocks up to the last dense one share one matmul.
+        prune: skip columns whose weight is below ``PRUNE_BELOW`` in every row of a block (at high SNR the
+            posterior sits on a few data points, and the weighted sum is most of the work).
+    """
+    if not prune:
+        acc.addmm_(probs, y)
+        return
+    rows, cols = probs.shape
+    per = rows // groups
+    keep = probs.view(groups, per, cols).amax(1) > PRUNE_BELOW  # (groups, C)
+    n_keep = keep.sum(1).tolist()
+    dense = [g for g in range(groups) if n_keep[g] >= cols // 2]
+    upto = (dense[-1] + 1) * per if dense else 0
+    if upto:
+        acc[:upto].addmm_(probs[:upto], y)
+    for g in range(upto // per, groups):
+        if n_keep[g] == 0:
+            continue
+        idx = keep[g].nonzero().squeeze(1)
+        rows_g = slice(g * per, (g + 1) * per)
+        acc[rows_g].addmm_(probs[rows_g].index_select(1, idx), y.index_select(0, idx))
+
+
+def exp_clamped_(logits: Tensor) -> Tensor:
+    """``exp(max(logits, LOGIT_FLOOR))`` in place.
+
+    Clamping first: torch's exp takes a slow path for far-negative inputs (10-30x); ``exp(LOGIT_FLOOR)`` ~ 1e-26
+    is below ``PRUNE_BELOW`` and below the fp32 resolution of the sums, so results do not change.
+    """
+    return logits.clamp_(min=LOGIT_FLOOR).exp_()
 
 
 def online_softmax_update(
@@ -48,36 +103,15 @@ def online_softmax_update(
         run_max, run_sum: ``(R,)`` running state (``run_max`` starts at ``-inf``).
         acc: ``(R, D)`` running weighted sum.
         y: ``(C, D)`` data chunk.
-        groups: the rows form this many consecutive equal blocks (e.g. one SNR each); pruning is decided per
-            block, and the leading blocks up to the last dense one share one matmul.
-        prune: skip columns whose weight is below ``PRUNE_BELOW`` in every row of a block (at high SNR the
-            posterior sits on a few data points, and the weighted sum is most of the work).
+        groups, prune: see :func:`accumulate_weighted`.
     """
     new_max = torch.maximum(run_max, logits.amax(1))
     scale = torch.exp(run_max - new_max)  # 0 on the first chunk, where run_max = -inf
-    # Clamping first: torch's exp takes a slow path for far-negative inputs (10-30x); exp(LOGIT_FLOOR) ~ 1e-26
-    # is below PRUNE_BELOW and below the fp32 resolution of the sums, so the result does not change.
-    probs = logits.sub_(new_max[:, None]).clamp_(min=LOGIT_FLOOR).exp_()
+    probs = exp_clamped_(logits.sub_(new_max[:, None]))
     run_sum.mul_(scale).add_(probs.sum(1))
     acc.mul_(scale[:, None])
     run_max.copy_(new_max)
-    if not prune:
-        acc.addmm_(probs, y)
-        return
-    rows, cols = probs.shape
-    per = rows // groups
-    keep = probs.view(groups, per, cols).amax(1) > PRUNE_BELOW  # (groups, C)
-    n_keep = keep.sum(1).tolist()
-    dense = [g for g in range(groups) if n_keep[g] >= cols // 2]
-    upto = (dense[-1] + 1) * per if dense else 0
-    if upto:
-        acc[:upto].addmm_(probs[:upto], y)
-    for g in range(upto // per, groups):
-        if n_keep[g] == 0:
-            continue
-        idx = keep[g].nonzero().squeeze(1)
-        rows_g = slice(g * per, (g + 1) * per)
-        acc[rows_g].addmm_(probs[rows_g].index_select(1, idx), y.index_select(0, idx))
+    accumulate_weighted(probs, acc, y, groups, prune)
 
 
 def _as_per_query(value: Tensor | float, q: int, name: str, device: torch.device) -> Tensor:
@@ -149,6 +183,7 @@ def posterior_mean(
     flat_data = data.reshape(n, d)
     x = x_t.reshape(q, d).to(torch.float32)
     out = torch.empty(q, d, dtype=torch.float32, device=device)
+    y_buf = torch.empty(min(data_chunk, n) * d, dtype=torch.float32, device=device)
     for q0 in range(0, q, query_chunk):
         xq = x[q0 : q0 + query_chunk]
         rows = xq.shape[0]
@@ -157,7 +192,7 @@ def posterior_mean(
         run_sum = torch.zeros(rows, device=device)
         acc = torch.zeros(rows, d, device=device)
         for d0 in range(0, n, data_chunk):
-            y, ysq = data_chunk_fp32(flat_data, d0, d0 + data_chunk, normalization, device)
+            y, ysq = data_chunk_fp32(flat_data, d0, d0 + data_chunk, normalization, device, y_buf)
             logits = (xq @ y.T).mul_(cq).addcmul_(hq, ysq[None, :], value=-1.0)
             online_softmax_update(logits, run_max, run_sum, acc, y)
         out[q0 : q0 + rows] = acc / run_sum[:, None]

@@ -117,10 +117,12 @@ def solve_ko(
     the smallest is used and a warning says so.
 
     Numerics (numpy float64, vectorized, no loop over grid points): ``gamma`` on ``n_theta`` uniform angles in
-    ``[0, theta_1]`` merged with ``lam``'s own nodes; ``phi`` is the exact integral of the piecewise-linear interpolant of ``sqrt(gamma_eps)``.
-    The ``n_grid`` table nodes are placed uniformly in a monitor ``0.4 t + 0.4 theta_t / theta_1 + 0.2 V`` (``V``:
-    normalized variation of ``log gamma_eps``, i.e. of ``log theta'``) by choosing their angles; each node's time follows exactly from its ``phi`` on the segment,
-    ``t = sin(phi) / (D_y cos(phi) - D_x sin(phi))``, so no numerical root finding is needed.
+    ``[0, theta_1]`` merged with ``lam``'s own nodes; ``phi`` is the exact integral of the piecewise-linear
+    interpolant of ``sqrt(gamma_eps)``. The ``n_grid`` table nodes are placed uniformly in a monitor
+    ``0.4 t + 0.4 theta_t / theta_1 + 0.2 V`` (``V``: normalized variation of ``log gamma_eps``, i.e. of
+    ``log theta'``) by choosing their angles; each node's time follows exactly from its ``phi`` on the segment,
+    ``t = sin(phi) / (D_y cos(phi) - D_x sin(phi))``, so no numerical root finding is needed (the time is then
+    rounded to float32, as the table stores it, and the angle moved to first order to match).
 
     Args:
         lam: separation function of the normalized data.
@@ -128,7 +130,7 @@ def solve_ko(
         gamma_floor: ``eps`` in ``(0, 1)``, or ``None`` to choose it automatically.
         second_moment: per-dimension second moment ``v`` of the (centred) data; the path is solved in the
             rescaled plane with end point ``(sqrt(v), sigma_min)`` and returned in data units (``alpha_1 = 1``).
-        n_grid: nodes of the returned table.
+        n_grid: nodes of the returned table (fewer only if two would share a float32 time).
         n_theta: angles of the quadrature grid.
         max_price: acceptable relative KE price of the automatic floor.
         floors: candidate floors for the automatic choice (each in ``(0, 1)``).
@@ -221,13 +223,11 @@ def solve_ko(
     a_t[0], s_t[0], a_t[-1], s_t[-1] = 0.0, 1.0, sv, sigma_min  # exact end points
 
     alpha, d_alpha = a_t / sv, da_t / sv  # back to data units
-    t32 = t.astype(np.float32)
-    if not bool(np.all(t32[1:] > t32[:-1])):
-        raise RuntimeError(
-            "the KO table's time grid is not strictly increasing in float32; use a larger gamma_floor or fewer "
-            "n_grid nodes"
-        )
-    path = TabulatedPath(*(torch.from_numpy(a) for a in (t, alpha, s_t, d_alpha, ds_t)))
+    # Nodes closer than float32 resolves would make the table's grid non-increasing: keep the last of each run
+    # (rare: only for tiny floors; the end node t = 1 always stays).
+    keep = np.append(t[:-1] < t[1:], True)
+    table = (t[keep], alpha[keep], s_t[keep], d_alpha[keep], ds_t[keep])
+    path = TabulatedPath(*(torch.from_numpy(a) for a in table))
     return KOSolution(
         path=path,
         phi=phi_total,

@@ -238,11 +238,19 @@ def _check_image_shape(images: Tensor, name: str, feature_extractor: str) -> Ten
     shape = tuple(images.shape[1:])
     if feature_extractor == DIGITS_EXTRACTOR_NAME:
         if shape != (1, 8, 8):
-            raise ValueError(f"{name} must have shape (N, 1, 8, 8) for {DIGITS_EXTRACTOR_NAME!r}, got {tuple(images.shape)}")
+            raise ValueError(
+                f"{name} must have shape (N, 1, 8, 8) for {DIGITS_EXTRACTOR_NAME!r}, got {tuple(images.shape)}"
+            )
         return images
     if shape[0] not in (1, 3):
-        raise ValueError(f"{name} must have 1 or 3 channels for {INCEPTION_EXTRACTOR_NAME!r}, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"{name} must have 1 or 3 channels for {INCEPTION_EXTRACTOR_NAME!r}, got shape {tuple(images.shape)}"
+        )
     return images.expand(-1, 3, -1, -1).contiguous() if shape[0] == 1 else images
+
+
+def _prepare(images: Tensor, name: str, value_range: tuple[float, float], feature_extractor: str) -> Tensor:
+    return _check_image_shape(to_uint8_images(images, name, value_range), name, feature_extractor)
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -319,6 +327,10 @@ def all_gather_samples(samples: Tensor) -> Tensor:
 
     Raises:
         ValueError: on every rank, if the ranks disagree on trailing shape or dtype.
+
+    Example:
+        >>> all_gather_samples(torch.zeros(3, 1, 8, 8)).shape  # one process: unchanged
+        torch.Size([3, 1, 8, 8])
     """
     if not _dist_active():
         return samples
@@ -380,13 +392,17 @@ def extract_features(
 
     Returns:
         float32 features ``(N, D)`` on the CPU.
+
+    Example:
+        >>> extract_features(torch.rand(10, 1, 8, 8), cuda=False).shape  # doctest: +SKIP
+        torch.Size([10, 64])
     """
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     _check_positive_int("batch_size", batch_size)
     name, path = _resolve_extractor(feature_extractor, weights_path, cache_dir)
     layer = feature_layer or _DEFAULT_LAYER[name]
-    images = _check_image_shape(to_uint8_images(images, "images", value_range), "images", name)
+    images = _prepare(images, "images", value_range, name)
     use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
     extractor = create_feature_extractor(
         name, [layer], cuda=use_cuda, feature_extractor_weights_path=str(path), verbose=False
@@ -402,6 +418,11 @@ def fid_from_features(features1: Tensor, features2: Tensor) -> float:
 
     Raises:
         ValueError: if the sets are not 2-D with the same ``D`` or have fewer than 2 samples.
+
+    Example:
+        >>> x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+        >>> fid_from_features(x, x) < 1e-9, round(fid_from_features(x, x + 1.0), 6)  # a shift by 1 in 4 dims
+        (True, 4.0)
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
@@ -507,21 +528,25 @@ def compute_fid_kid(
     Returns:
         A :class:`FidKidResult`.
 
+    Example:
+        >>> dm = DigitsDataModule(); dm.setup()  # doctest: +SKIP
+        >>> ref = dm.to_display(dm.test_tensor())  # (180, 1, 8, 8) in [0, 1]  # doctest: +SKIP
+        >>> r = compute_fid_kid(dm.to_display(samples), ref, reference_name="digits-test",
+        ...                     kid_subset_size=100)  # doctest: +SKIP
+        >>> r = compute_fid_kid(more, None, reference_name="digits-test", kid_subset_size=100)  # doctest: +SKIP
+        >>> # CIFAR-10 with Inception, model-space samples in [-1, 1], in on_validation_epoch_end under DDP:
+        >>> r = compute_fid_kid(local_samples, ref_uint8, feature_extractor="inception-v3-compat",
+        ...                     weights_path="/data/weights-inception-2015-12-05-6726825d.pth",
+        ...                     reference_name="cifar10-train", value_range=(-1.0, 1.0),
+        ...                     gather_across_ranks=True)  # doctest: +SKIP
+        >>> self.log_dict(r.metrics())  # doctest: +SKIP
+
     Raises:
         ValueError: naming the argument for a wrong dtype, shape or value range, for ``kid_subset_size`` larger than
             either set, for a missing Inception ``weights_path``, for a bad ``reference_name``, for
             ``reference=None`` without cached statistics, or for a cached name reused with different images.
         FileNotFoundError: naming ``weights_path`` when the file does not exist (nothing is ever downloaded).
     """
-    from torch_fidelity import (
-        KEY_METRIC_FID,
-        KEY_METRIC_ISC_MEAN,
-        KEY_METRIC_ISC_STD,
-        KEY_METRIC_KID_MEAN,
-        KEY_METRIC_KID_STD,
-        calculate_metrics,
-    )
-
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("kid_subset_size", kid_subset_size)
     _check_positive_int("kid_subsets", kid_subsets)
@@ -532,14 +557,14 @@ def compute_fid_kid(
     if gather_across_ranks and _dist_active():
         error: ValueError | None = None
         try:
-            local = _check_image_shape(to_uint8_images(generated, "generated", value_range), "generated", feature_extractor)
+            local = _prepare(generated, "generated", value_range, feature_extractor)
         except ValueError as exc:
             error = exc
         if _any_rank(error is not None):  # every rank takes the same branch: nobody is left waiting in a collective
             raise error if error is not None else ValueError("generated is invalid on another rank (see its error)")
         gen = all_gather_samples(local)
     else:
-        gen = _check_image_shape(to_uint8_images(generated, "generated", value_range), "generated", feature_extractor)
+        gen = _prepare(generated, "generated", value_range, feature_extractor)
 
     name, weights = _resolve_extractor(feature_extractor, weights_path, cache_dir)
     layer = feature_layer or _DEFAULT_LAYER[name]
@@ -550,7 +575,7 @@ def compute_fid_kid(
     if reference_name is None:
         if reference is None:
             raise ValueError("reference is None and no reference_name is given: pass the reference images")
-        ref = _check_image_shape(to_uint8_images(reference, "reference", value_range), "reference", name)
+        ref = _prepare(reference, "reference", value_range, name)
         n_ref, ref_dataset = int(ref.shape[0]), _ImageSet(ref)
     else:
         if not isinstance(reference_name, str) or not _NAME_PATTERN.match(reference_name):
@@ -563,13 +588,13 @@ def compute_fid_kid(
         note_path = cache_root / f"{cache_name}-{name}-reference.json"
         note = json.loads(note_path.read_text()) if note_path.is_file() else None
         if reference is not None:
-            ref = _check_image_shape(to_uint8_images(reference, "reference", value_range), "reference", name)
+            ref = _prepare(reference, "reference", value_range, name)
             data_hash = _tensor_sha256(ref)
             if note is not None and note["data_sha256"] != data_hash:
                 raise ValueError(
-                    f"reference_name={reference_name!r} is cached in {str(cache_root)!r} for different reference images "
-                    f"({note['n_reference']} images, shape {note['shape']}); use another reference_name or delete "
-                    f"{str(cache_root / cache_name)}-*"
+                    f"reference_name={reference_name!r} is cached in {str(cache_root)!r} for different reference "
+                    f"images ({note['n_reference']} images, shape {note['shape']}); use another reference_name or "
+                    f"delete {str(cache_root / cache_name)}-*"
                 )
             if note is None:
                 note = {
@@ -604,6 +629,15 @@ def compute_fid_kid(
         _check_kid_counts(kid_subset_size, n_gen, n_ref)
     if isc and n_gen < isc_splits:
         raise ValueError(f"isc_splits={isc_splits} exceeds the {n_gen} generated samples")
+
+    from torch_fidelity import (  # imported late: argument errors need neither torch-fidelity nor torchvision
+        KEY_METRIC_FID,
+        KEY_METRIC_ISC_MEAN,
+        KEY_METRIC_ISC_STD,
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        calculate_metrics,
+    )
 
     use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
     common: dict[str, Any] = {

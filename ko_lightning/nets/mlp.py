@@ -65,7 +65,8 @@ class TimeMLP(nn.Module):
         time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("time_embed_dim", time_embed_dim, 2)):
+        checks = (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("time_embed_dim", time_embed_dim, 2))
+        for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         make_activation(activation)  # validates the name early
