@@ -65,7 +65,7 @@ def _gauss_legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
     return 0.5 * (x + 1.0), 0.5 * w  # on [0, 1]
 
 
-def _mesh(t_min: float, t_max: float, extra: Tensor | None) -> np.ndarray:
+def _mesh(t_min: float, t_max: float, extra: np.ndarray | None) -> np.ndarray:
     """Cell boundaries: dyadic grading towards both ends (endpoint singularities), uniform in the middle."""
     length = t_max - t_min
     left = np.concatenate([[0.0], 2.0 ** -np.arange(30, 4, -1.0)])
@@ -98,9 +98,9 @@ def kinetic_energy(
     float32 resolution of the path's time), uniform in the middle, and split at a tabulated path's nodes. This
     is accurate to about ``1e-6`` for paths whose derivatives blow up integrably at the ends.
 
-    Paths ending at ``sigma = 0`` like ``1 - t``'s square root (VP, linear-VP) have ``sigma'^2 ~ 1/(1 - t)``; with
+    Paths whose ``sigma`` vanishes like ``sqrt(1 - t)`` (VP, linear-VP) have ``sigma'^2 ~ 1/(1 - t)``; with
     ``gamma(pi/2) > 0`` (any finite data set) their energy diverges logarithmically. A ``RuntimeWarning`` is
-    issued when the last ``2^-20`` of the interval carries more than ``1e-4`` (the value then depends on the
+    issued when successive dyadic bands towards an end carry the same energy (the value then depends on the
     cutoff); pass ``t_max < 1`` (e.g. ``1 - 1e-5`` as in DDPM training) to get a finite, reproducible value.
 
     Args:
@@ -134,13 +134,14 @@ def kinetic_energy(
     h = np.diff(edges)
     nodes = edges[:-1, None] + h[:, None] * x[None, :]
     weights = h[:, None] * w[None, :]
-    t = torch.from_numpy(nodes.reshape(-1))
+    buffer = next(iter(path.buffers()), None)  # evaluate where the path lives (a table may be on a GPU)
+    t = torch.from_numpy(nodes.reshape(-1)).to("cpu" if buffer is None else buffer.device)
     if t_max == 1.0:
         t = t.clamp(max=_FP32_BELOW_ONE)  # never evaluate the path exactly at t = 1 (sigma' may be infinite there)
     dens = _density(path, lam, t, v).reshape(nodes.shape)
     if not bool(torch.isfinite(dens).all()):
         raise ValueError("the kinetic energy density is not finite on (t_min, t_max); check the path")
-    cells = (dens * torch.from_numpy(weights)).sum(1).numpy()
+    cells = (dens.cpu() * torch.from_numpy(weights)).sum(1).numpy()
     _warn_if_divergent(cells, edges, t_min, t_max)
     return float(cells.sum())
 

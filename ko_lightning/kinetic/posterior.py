@@ -11,10 +11,11 @@ from ko_lightning.kinetic.normalization import DataNormalization
 
 __all__ = ["posterior_mean"]
 
-#: Weights below this fraction of a row's running maximum are skipped in the weighted sum: even summed over
-#: 10^6 data points they change the result by less than fp32 rounding.
+#: Weights below this fraction of a row's reference weight (its running maximum, or in the estimator the
+#: query's own data point) are skipped in the weighted sum: even summed over 10^6 data points they change the
+#: result by less than fp32 rounding.
 PRUNE_BELOW = 1e-14
-#: Logits are clamped at this offset below the running maximum before exponentiation.
+#: Logits are clamped at this offset below the row's reference before exponentiation.
 LOGIT_FLOOR = -60.0
 
 

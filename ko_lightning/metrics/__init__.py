@@ -5,6 +5,7 @@ torch-fidelity (and torchvision) load only when an FID/KID is computed, so this 
 
 from ko_lightning.metrics.digits_features import DigitsClassifier, load_digits_classifier, train_digits_classifier
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
+from ko_lightning.metrics.kinetic import ModelKineticEnergy, model_kinetic_energy
 from ko_lightning.metrics.fid import (
     FidKidResult,
     all_gather_samples,
@@ -17,6 +18,7 @@ from ko_lightning.metrics.fid import (
 __all__ = [
     "DigitsClassifier",
     "FidKidResult",
+    "ModelKineticEnergy",
     "all_gather_samples",
     "compute_fid_kid",
     "extract_features",
@@ -24,6 +26,7 @@ __all__ = [
     "kid_from_features",
     "load_digits_classifier",
     "mmd_rbf",
+    "model_kinetic_energy",
     "sliced_wasserstein",
     "train_digits_classifier",
 ]
