@@ -68,13 +68,17 @@ def _peak_rss_here(fn: Callable[[], object]) -> float | None:
 
 
 def peak_rss_mib(fn: Callable[[], object]) -> float | None:
-    """Peak resident memory that ``fn`` adds, in MiB, measured in a forked child (fresh allocator state)."""
+    """Peak resident memory that ``fn`` adds, in MiB, measured in a forked child (fresh allocator state).
+
+    The child runs single-threaded; memory does not depend on the thread count.
+    """
     if not hasattr(os, "fork"):
         return _peak_rss_here(fn)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: measure, report, leave without running the parent's cleanup
         os.close(read_end)
+        torch.set_num_threads(1)  # an OpenMP pool does not survive fork: parallel regions would hang
         value = _peak_rss_here(fn)
         os.write(write_end, ("nan" if value is None else repr(value)).encode())
         os._exit(0)
@@ -192,7 +196,13 @@ def bench_estimator(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a 2-core machine shared with other jobs, two OpenMP threads "
+        "spin against them and small ops slow down 10-50x)",
+    )
     parser.add_argument("--big-n", type=int, default=50_000, help="rows of the synthetic set")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args()

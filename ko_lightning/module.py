@@ -46,6 +46,14 @@ class FlowMatching(L.LightningModule):
       network learns, ``E[v_theta | x_t / r, theta]``, is the same for every Gaussian path, so a schedule change
       (the KO callback) does not invalidate it. The velocity loss equals ``(r theta')^2 ||v_hat - v||^2``.
 
+    Loss weighting: ``"velocity"`` is the flow-matching objective above; ``"output"`` is the plain MSE in the
+    network's output space (``||x1_hat - x1||^2`` for ``"x1"``, ``||eps_hat - x0||^2`` for ``"eps"``,
+    ``||v_hat - v_theta||^2`` for ``"polar_v"``). Both have the same minimizer. The velocity weight
+    ``(r theta')^2`` of ``polar_v`` is bounded on Cond-OT (between 1/2 and 1) but large where a path turns fast,
+    as the KO path does near t = 0 (ko-math §4), which makes the loss's variance explode; the default for
+    ``polar_v`` is therefore ``"output"`` (the path then acts only through the distribution of angles it
+    visits), and ``"velocity"`` for the other parametrizations.
+
     The path is schedule state, not a weight: it is not a registered submodule (so weight averaging and DDP buffer
     broadcasts leave it alone), it follows the module's device, and it is saved in and restored from checkpoints.
     Use :meth:`set_path` to change it (the KO callback does this).
@@ -53,7 +61,9 @@ class FlowMatching(L.LightningModule):
     Args:
         net: any module with ``forward(x, t)``, ``t`` of shape ``(B,)``.
         path: the Gaussian path (default ``CondOTPath()``).
-        parametrization: what ``net`` predicts: ``"velocity"``, ``"x1"`` or ``"eps"``.
+        parametrization: what ``net`` predicts: ``"velocity"``, ``"x1"``, ``"eps"`` or ``"polar_v"``.
+        loss_weighting: ``"velocity"`` or ``"output"``; None picks ``"output"`` for ``polar_v``, else
+            ``"velocity"``.
         optimizer: callable ``params -> Optimizer`` (default Adam, lr 1e-3).
         lr_scheduler: optional callable ``optimizer -> LRScheduler``, stepped every ``lr_scheduler_interval``.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
@@ -76,6 +86,7 @@ class FlowMatching(L.LightningModule):
         net: nn.Module,
         path: GaussianPath | None = None,
         parametrization: Parametrization = "velocity",
+        loss_weighting: Literal["velocity", "output"] | None = None,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
@@ -90,6 +101,8 @@ class FlowMatching(L.LightningModule):
             raise TypeError(f"net must be a torch.nn.Module with forward(x, t), got {type(net).__name__}")
         if parametrization not in _PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {_PARAMETRIZATIONS}, got {parametrization!r}")
+        if loss_weighting not in (None, "velocity", "output"):
+            raise ValueError(f"loss_weighting must be 'velocity', 'output' or None, got {loss_weighting!r}")
         if not 0.0 <= float(t_eps) < 0.5:
             raise ValueError(f"t_eps must lie in [0, 0.5), got {t_eps!r}")
         if lr_scheduler_interval not in ("step", "epoch"):
@@ -97,6 +110,9 @@ class FlowMatching(L.LightningModule):
         self.save_hyperparameters(ignore=["net", "path", "optimizer", "lr_scheduler"])
         self.net = net
         self.parametrization: Parametrization = parametrization
+        if loss_weighting is None:
+            loss_weighting = "output" if parametrization == "polar_v" else "velocity"
+        self.loss_weighting = loss_weighting
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -183,10 +199,25 @@ class FlowMatching(L.LightningModule):
         return self.loss_at(x0, x1, t)
 
     def loss_at(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        """Flow-matching loss for given noise ``x0``, data ``x1`` and times ``t`` (mean squared velocity error)."""
+        """Loss for given noise ``x0``, data ``x1`` and times ``t``: mean squared error in velocity units, or in
+        the network's output space (``loss_weighting``)."""
         sample: PathSample = self.path.sample(x0, x1, t)
-        v = self._output_to_velocity(self._net_output(sample.x_t, t), sample.x_t, t)
-        return (v - sample.target).pow(2).mean()
+        out = self._net_output(sample.x_t, t)
+        if self.loss_weighting == "velocity":
+            v = self._output_to_velocity(out, sample.x_t, t)
+            return (v - sample.target).pow(2).mean()
+        return (out.float() - self._output_target(sample, x0, x1)).pow(2).mean()
+
+    def _output_target(self, sample: PathSample, x0: Tensor, x1: Tensor) -> Tensor:
+        """What the network should output for this draw (its regression target in output space)."""
+        if self.parametrization == "velocity":
+            return sample.target
+        if self.parametrization == "x1":
+            return x1.float()
+        if self.parametrization == "eps":
+            return x0.float()
+        sin, cos, _ = self._polar(sample.coefficients)
+        return cos * x1.float() - sin * x0.float()
 
     # ------------------------------------------------------------------ Lightning hooks
     def _batch_tensor(self, batch: Any, batch_idx: int, stage: str) -> Tensor:

@@ -137,6 +137,7 @@ def test_wrong_sample_shape_is_named() -> None:
         ({"t_eps": 0.5}, "t_eps"),
         ({"parametrization": "score"}, "parametrization"),
         ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval"),
+        ({"loss_weighting": "l1"}, "loss_weighting"),
     ],
 )
 def test_bad_module_arguments(kwargs: dict, match: str) -> None:
@@ -223,3 +224,22 @@ def test_module_log_prob_matches_the_gaussian_density() -> None:
     expected = (-0.5 * (x - mean) ** 2 / total_var - 0.5 * torch.log(torch.tensor(2 * torch.pi * total_var))).sum(1)
     result = model.log_prob(x, atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(result.log_prob, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("parametrization", ["x1", "eps", "polar_v"])
+def test_output_weighting_is_the_plain_mse_of_the_network_output(parametrization: str) -> None:
+    torch.manual_seed(1)
+    net = TimeMLP(dim=3, hidden=16, depth=2)
+    path = CosinePath()
+    model = FlowMatching(net, path=path, parametrization=parametrization, loss_weighting="output")
+    x0, x1 = torch.randn(64, 3), torch.randn(64, 3)
+    t = 0.05 + 0.9 * torch.rand(64)
+    x_t = path.sample(x0, x1, t).x_t
+    theta = (torch.pi / 2) * t[:, None]  # cosine path: alpha = sin(pi t / 2), sigma = cos(pi t / 2), r = 1
+    if parametrization == "polar_v":
+        out, target = net(x_t, 2 * theta[:, 0] / torch.pi), torch.cos(theta) * x1 - torch.sin(theta) * x0
+    else:
+        out, target = net(x_t, t), (x1 if parametrization == "x1" else x0)
+    torch.testing.assert_close(model.loss_at(x0, x1, t), (out - target).pow(2).mean(), rtol=1e-5, atol=1e-6)
+    assert FlowMatching(net, parametrization="polar_v").loss_weighting == "output"
+    assert FlowMatching(net, parametrization="x1").loss_weighting == "velocity"

@@ -230,3 +230,13 @@ def test_wrong_shapes_are_named() -> None:
         PolynomialPath(0.0)
     with pytest.raises(ValueError, match="beta_max"):
         VPPath(beta_min=1.0, beta_max=0.5)
+
+
+@pytest.mark.parametrize("name", list(ANALYTIC))
+def test_snr_inverse_clamps_to_the_ends(name: str) -> None:
+    path = ANALYTIC[name]()
+    t = path.snr_inverse(torch.tensor([0.0, 1e-12, float("inf"), 1e12]))
+    assert t[0] == 0.0 and t[2] == 1.0
+    assert bool(torch.isfinite(t).all()) and bool(((t >= 0) & (t <= 1)).all())
+    if name.startswith("vp"):  # SNRs below alpha_0 / sigma_0 are not reached: the start of the path
+        assert float(path.snr_inverse(torch.tensor([1e-3]))) == 0.0

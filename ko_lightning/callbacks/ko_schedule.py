@@ -241,6 +241,8 @@ class KOScheduleCallback(L.Callback):
             return
         if trainer.global_step == self.last_refresh_step:  # several batches per optimizer step (accumulation)
             return
+        if 0 < trainer.max_steps <= trainer.global_step:  # no training left on a new path: keep the trained one
+            return
         self.refresh(trainer, pl_module)
 
     def is_refresh_step(self, step: int) -> bool:

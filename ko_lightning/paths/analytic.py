@@ -35,7 +35,7 @@ class CondOTPath(GaussianPath):
         k = 1.0 - self.sigma_min
         return PathCoefficients(t, 1.0 - k * t, torch.ones_like(t), torch.full_like(t, -k))
 
-    def snr_inverse(self, snr: Tensor) -> Tensor:
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         snr = snr.float()
         return snr / (1.0 + (1.0 - self.sigma_min) * snr)
 
@@ -82,7 +82,7 @@ class VPPath(GaussianPath):
         d_sigma = -alpha * d_alpha / sigma
         return PathCoefficients(alpha, sigma, d_alpha, d_sigma)
 
-    def snr_inverse(self, snr: Tensor) -> Tensor:
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         # alpha^2 = s^2 / (1 + s^2)  =>  T = log(1 + 1/s^2); solve the quadratic T(tau) = T for tau >= 0.
         snr = snr.double()
         big_t = torch.log1p(snr.pow(-2))
@@ -105,7 +105,7 @@ class CosinePath(GaussianPath):
         a, s = torch.sin(half_pi * t), torch.cos(half_pi * t).clamp_min(0.0)  # cos(pi/2) is -4e-8 in fp32
         return PathCoefficients(a, s, half_pi * s, -half_pi * a)
 
-    def snr_inverse(self, snr: Tensor) -> Tensor:
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         return torch.atan(snr.float()) / (0.5 * math.pi)
 
 
@@ -127,7 +127,7 @@ class PolynomialPath(GaussianPath):
         d_a = self.n * t ** (self.n - 1.0) if self.n != 1.0 else torch.ones_like(t)
         return PathCoefficients(a, 1.0 - a, d_a, -d_a)
 
-    def snr_inverse(self, snr: Tensor) -> Tensor:
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         snr = snr.float()
         return (snr / (1.0 + snr)) ** (1.0 / self.n)
 
@@ -145,6 +145,6 @@ class LinearVPPath(GaussianPath):
         s = torch.sqrt((1.0 - t) * (1.0 + t))
         return PathCoefficients(t, s, torch.ones_like(t), -t / s)
 
-    def snr_inverse(self, snr: Tensor) -> Tensor:
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         snr = snr.float()
         return snr * torch.rsqrt(1.0 + snr**2)

@@ -125,9 +125,17 @@ class GaussianPath(nn.Module):
     def snr_inverse(self, snr: Tensor) -> Tensor:
         """Time ``t`` with ``alpha_t / sigma_t = snr`` (the SNR is increasing in t).
 
-        The default bisects on ``[0, 1]`` to fp32 precision; SNRs outside the path's range clamp to the ends.
+        SNRs outside the path's range (including 0 and ``inf``) clamp to the ends ``t = 0`` and ``t = 1``.
+        Subclasses provide a closed form in :meth:`_snr_inverse`; the default bisects on ``[0, 1]`` to fp32
+        precision.
         """
         snr = snr.float()
+        t = self._snr_inverse(snr)
+        t = torch.where(torch.isposinf(snr), torch.ones_like(t), t)
+        t = torch.where(snr <= 0, torch.zeros_like(t), t)
+        return t.clamp(0.0, 1.0)
+
+    def _snr_inverse(self, snr: Tensor) -> Tensor:
         lo = torch.zeros_like(snr)
         hi = torch.ones_like(snr)
         for _ in range(40):
