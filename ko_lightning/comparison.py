@@ -125,7 +125,7 @@ class TrainSettings:
     max_steps: int = 3000
     batch_size: int = 1024
     lr: float = 3e-3
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     accelerator: str = "cpu"
     dequantize: bool = False
     progress_bar: bool = True

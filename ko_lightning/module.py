@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ko_lightning.paths import CondOTPath, GaussianPath, PathSample
+from ko_lightning.paths import CondOTPath, GaussianPath, PathCoefficients, PathSample
 from ko_lightning.paths.serialization import path_from_state, path_to_state
 from ko_lightning.likelihood import BitsPerDimResult, LogProbResult, bits_per_dim, log_prob
 from ko_lightning.sampling import ADAPTIVE_METHODS, SampleResult, SolverSpec, integrate
@@ -24,6 +24,12 @@ _CHECKPOINT_KEY = "ko_lightning"
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
+
+
+def _polar(c: PathCoefficients) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sin theta, cos theta, r)`` of ``(alpha, sigma) = r (sin theta, cos theta)``."""
+    r = torch.sqrt(c.alpha**2 + c.sigma**2)
+    return c.alpha / r, c.sigma / r, r
 
 
 class FlowMatching(L.LightningModule):
@@ -143,30 +149,26 @@ class FlowMatching(L.LightningModule):
     # ------------------------------------------------------------------ the objective
     def velocity(self, x: Tensor, t: Tensor) -> Tensor:
         """Model velocity ``v_theta(x, t)`` in fp32, whatever the parametrization."""
-        return self._output_to_velocity(self._net_output(x, t), x, t)
+        c = self.path.at(t, x)
+        return self._output_to_velocity(self._net_output(x, t, c), x, c)
 
     def predict_x1(self, x: Tensor, t: Tensor) -> Tensor:
         """Model estimate of ``E[x1 | x_t = x]`` in fp32 (used by the separation-function estimator)."""
-        out = self._net_output(x, t)
+        c = self.path.at(t, x)
+        out = self._net_output(x, t, c)
         if self.parametrization == "polar_v":
-            c = self.path.at(t, x)
-            sin, cos, r = self._polar(c)
+            sin, cos, r = _polar(c)
             return sin * (x.float() / r) + cos * out.float()
         if self.parametrization == "x1":
             return out.float()
         if self.parametrization == "eps":
-            return self.path.x1_from_eps(x, out, t)
-        return self.path.x1_from_velocity(x, out, t)
+            return c.x1_from_eps(x, out)
+        return c.x1_from_velocity(x, out)
 
-    @staticmethod
-    def _polar(c: Any) -> tuple[Tensor, Tensor, Tensor]:
-        r = torch.sqrt(c.alpha**2 + c.sigma**2)
-        return c.alpha / r, c.sigma / r, r
-
-    def _net_output(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def _net_output(self, x_t: Tensor, t: Tensor, c: PathCoefficients) -> Tensor:
+        """Run the network: on ``(x_t, t)``, or on ``(x_t / r, 2 theta / pi)`` for ``polar_v``."""
         if self.parametrization == "polar_v":
-            c = self.path.at(t, x_t)
-            sin, cos, r = self._polar(c)
+            sin, cos, r = _polar(c)
             angle = torch.atan2(sin, cos).reshape(-1) * (2.0 / torch.pi)
             out = self.net((x_t.float() / r).to(x_t.dtype), angle)
         else:
@@ -175,15 +177,14 @@ class FlowMatching(L.LightningModule):
             raise ValueError(f"net output has shape {tuple(out.shape)} but its input x has {tuple(x_t.shape)}")
         return out
 
-    def _output_to_velocity(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def _output_to_velocity(self, out: Tensor, x_t: Tensor, c: PathCoefficients) -> Tensor:
         if self.parametrization == "velocity":
             return out.float()
         if self.parametrization == "x1":
-            return self.path.velocity_from_x1(x_t, out, t)
+            return c.velocity_from_x1(x_t, out)
         if self.parametrization == "eps":
-            return self.path.velocity_from_eps(x_t, out, t)
-        c = self.path.at(t, x_t)
-        sin, cos, r = self._polar(c)
+            return c.velocity_from_eps(x_t, out)
+        sin, cos, r = _polar(c)
         x_unit, v = x_t.float() / r, out.float()
         return c.d_alpha * (sin * x_unit + cos * v) + c.d_sigma * (cos * x_unit - sin * v)
 
@@ -202,9 +203,9 @@ class FlowMatching(L.LightningModule):
         """Loss for given noise ``x0``, data ``x1`` and times ``t``: mean squared error in velocity units, or in
         the network's output space (``loss_weighting``)."""
         sample: PathSample = self.path.sample(x0, x1, t)
-        out = self._net_output(sample.x_t, t)
+        out = self._net_output(sample.x_t, t, sample.coefficients)
         if self.loss_weighting == "velocity":
-            v = self._output_to_velocity(out, sample.x_t, t)
+            v = self._output_to_velocity(out, sample.x_t, sample.coefficients)
             return (v - sample.target).pow(2).mean()
         return (out.float() - self._output_target(sample, x0, x1)).pow(2).mean()
 
@@ -216,7 +217,7 @@ class FlowMatching(L.LightningModule):
             return x1.float()
         if self.parametrization == "eps":
             return x0.float()
-        sin, cos, _ = self._polar(sample.coefficients)
+        sin, cos, _ = _polar(sample.coefficients)
         return cos * x1.float() - sin * x0.float()
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -53,7 +53,7 @@ def test_two_process_ddp_refreshes_are_identical_and_pool_the_shares(tmp_path) -
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     refreshes = sorted(tmp_path.glob("rank0_refresh*.pt"))
-    assert len(refreshes) == 3  # initialization from data, then steps 6 and 12
+    assert len(refreshes) == 3  # initialization from data, then steps 6 and 12 (of 13)
     for rank0_file in refreshes:
         r0 = torch.load(rank0_file, weights_only=False)
         r1 = torch.load(tmp_path / rank0_file.name.replace("rank0", "rank1"), weights_only=False)
@@ -90,7 +90,7 @@ def test_resume_continues_on_the_same_schedule_with_the_same_losses(tmp_path) ->
     ko_full = _small_ko()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=n_steps, save_top_k=-1)
     _trainer(tmp_path / "full", n_steps + m_steps, [ko_full, record_full, saver]).fit(full, _toy())
-    assert ko_full.refresh_count == 5  # init + steps 20, 40, 60, 80
+    assert ko_full.refresh_count == 4  # init + steps 20, 40, 60 (none at the last step, 80)
     ckpt = tmp_path / "ckpt" / f"epoch=4-step={n_steps}.ckpt"
 
     resumed = _ko_model()
@@ -100,7 +100,7 @@ def test_resume_continues_on_the_same_schedule_with_the_same_losses(tmp_path) ->
     _trainer(tmp_path / "resumed", n_steps + m_steps, [ko_resumed, record], enable_checkpointing=False).fit(
         resumed, _toy(), ckpt_path=ckpt)
 
-    assert ko_resumed.refresh_count == 5  # restored 3, no second initialization, then steps 60 and 80
+    assert ko_resumed.refresh_count == 4  # restored 3, no second initialization, then step 60
     assert losses == pytest.approx(losses_full[n_steps:], rel=1e-6, abs=1e-7)
     for a, b in zip(_table(resumed.path), _table(full.path)):
         assert torch.equal(a, b)
@@ -202,9 +202,9 @@ def test_a_refresh_with_a_broken_estimate_keeps_the_previous_path(tmp_path, monk
     model = _ko_model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _trainer(tmp_path, 16, [ko], enable_checkpointing=False)
+        trainer = _trainer(tmp_path, 17, [ko], enable_checkpointing=False)
         trainer.fit(model, _toy())
-    assert trainer.global_step == 16  # training went on
+    assert trainer.global_step == 17  # training went on
     assert [r.installed for r in ko.reports] == [True, False, False]
     assert "non-finite" in ko.reports[1].reason and "[0, 1]" in ko.reports[2].reason
     assert sum("kept the previous path" in str(w.message) for w in caught) == 2
@@ -227,3 +227,9 @@ def test_a_refresh_with_a_broken_estimate_keeps_the_previous_path(tmp_path, monk
 def test_invalid_settings_fail_at_construction(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         KOScheduleCallback(**kwargs)
+
+
+def test_no_refresh_at_the_last_step(tmp_path) -> None:
+    ko = _small_ko(every_n_steps=8, warmup_steps=8)
+    _trainer(tmp_path, 16, [ko], enable_checkpointing=False).fit(_ko_model(), _toy())
+    assert [r.step for r in ko.reports] == [0, 8]  # a path installed at step 16 would never be trained on

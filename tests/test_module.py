@@ -212,7 +212,7 @@ def test_polar_conversion_recovers_the_conditional_target() -> None:
     c = path.at(t, x0)
     theta = torch.atan2(c.alpha, c.sigma)
     v_theta = torch.cos(theta) * x1 - torch.sin(theta) * x0
-    torch.testing.assert_close(model._output_to_velocity(v_theta, s.x_t, t), s.target, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model._output_to_velocity(v_theta, s.x_t, c), s.target, atol=1e-5, rtol=1e-5)
 
 
 def test_module_log_prob_matches_the_gaussian_density() -> None:

@@ -70,7 +70,7 @@ def test_gpu_image_recipe_smoke_on_cpu(tmp_path, recipe: str) -> None:
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.trainer.global_step == 4
     ko = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KOScheduleCallback))
-    assert [r.step for r in ko.reports] == [0, 2, 4]
+    assert [r.step for r in ko.reports] == [0, 2]  # init, step 2; none at the last step (4)
     assert isinstance(cli.model.path, TabulatedPath)
     saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert "last.ckpt" in saved and any("step=4" in name for name in saved)

@@ -41,6 +41,35 @@ class PathCoefficients:
         """``beta_t = sigma_t * d/dt (alpha_t / sigma_t) = alpha' - sigma' alpha / sigma`` (ko-math §1)."""
         return self.d_alpha - self.d_sigma * self.alpha / self.sigma
 
+    # Conversions between parametrizations at these coefficients (shaped to broadcast against x_t); fp32.
+    def velocity_from_x1(self, x_t: Tensor, x1_hat: Tensor) -> Tensor:
+        """``u = (sigma'/sigma) x_t + beta_t x1_hat`` with ``beta_t = alpha' - sigma' alpha / sigma``."""
+        return (self.d_sigma / self.sigma) * x_t.float() + self.beta * x1_hat.float()
+
+    def x1_from_velocity(self, x_t: Tensor, velocity: Tensor) -> Tensor:
+        """Inverse of :meth:`velocity_from_x1`: ``x1 = (u - (sigma'/sigma) x_t) / beta_t``."""
+        return (velocity.float() - (self.d_sigma / self.sigma) * x_t.float()) / self.beta
+
+    def velocity_from_eps(self, x_t: Tensor, eps_hat: Tensor) -> Tensor:
+        """``u = (alpha'/alpha) x_t + (sigma' - alpha' sigma / alpha) eps_hat`` (singular where alpha = 0)."""
+        return (self.d_alpha / self.alpha) * x_t.float() + (
+            self.d_sigma - self.d_alpha * self.sigma / self.alpha
+        ) * eps_hat.float()
+
+    def eps_from_velocity(self, x_t: Tensor, velocity: Tensor) -> Tensor:
+        """Inverse of :meth:`velocity_from_eps`."""
+        return (velocity.float() - (self.d_alpha / self.alpha) * x_t.float()) / (
+            self.d_sigma - self.d_alpha * self.sigma / self.alpha
+        )
+
+    def x1_from_eps(self, x_t: Tensor, eps_hat: Tensor) -> Tensor:
+        """``x1 = (x_t - sigma_t eps) / alpha_t``."""
+        return (x_t.float() - self.sigma * eps_hat.float()) / self.alpha
+
+    def eps_from_x1(self, x_t: Tensor, x1_hat: Tensor) -> Tensor:
+        """``eps = (x_t - alpha_t x1) / sigma_t``."""
+        return (x_t.float() - self.alpha * x1_hat.float()) / self.sigma
+
 
 @dataclass(frozen=True)
 class PathSample:
@@ -176,31 +205,25 @@ class GaussianPath(nn.Module):
 
     # ------------------------------------------------------------------ parametrization conversions
     def velocity_from_x1(self, x_t: Tensor, x1_hat: Tensor, t: Tensor) -> Tensor:
-        """``u = (sigma'/sigma) x_t + beta_t x1_hat`` with ``beta_t = alpha' - sigma' alpha / sigma``."""
-        c = self.at(t, x_t)
-        return (c.d_sigma / c.sigma) * x_t.float() + c.beta * x1_hat.float()
+        """See :meth:`PathCoefficients.velocity_from_x1`."""
+        return self.at(t, x_t).velocity_from_x1(x_t, x1_hat)
 
     def x1_from_velocity(self, x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
-        """Inverse of :meth:`velocity_from_x1`: ``x1 = (u - (sigma'/sigma) x_t) / beta_t``."""
-        c = self.at(t, x_t)
-        return (velocity.float() - (c.d_sigma / c.sigma) * x_t.float()) / c.beta
+        """See :meth:`PathCoefficients.x1_from_velocity`."""
+        return self.at(t, x_t).x1_from_velocity(x_t, velocity)
 
     def velocity_from_eps(self, x_t: Tensor, eps_hat: Tensor, t: Tensor) -> Tensor:
-        """``u = (alpha'/alpha) x_t + (sigma' - alpha' sigma / alpha) eps_hat`` (singular where alpha = 0)."""
-        c = self.at(t, x_t)
-        return (c.d_alpha / c.alpha) * x_t.float() + (c.d_sigma - c.d_alpha * c.sigma / c.alpha) * eps_hat.float()
+        """See :meth:`PathCoefficients.velocity_from_eps`."""
+        return self.at(t, x_t).velocity_from_eps(x_t, eps_hat)
 
     def eps_from_velocity(self, x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
-        """Inverse of :meth:`velocity_from_eps`."""
-        c = self.at(t, x_t)
-        return (velocity.float() - (c.d_alpha / c.alpha) * x_t.float()) / (c.d_sigma - c.d_alpha * c.sigma / c.alpha)
+        """See :meth:`PathCoefficients.eps_from_velocity`."""
+        return self.at(t, x_t).eps_from_velocity(x_t, velocity)
 
     def x1_from_eps(self, x_t: Tensor, eps_hat: Tensor, t: Tensor) -> Tensor:
-        """``x1 = (x_t - sigma_t eps) / alpha_t``."""
-        c = self.at(t, x_t)
-        return (x_t.float() - c.sigma * eps_hat.float()) / c.alpha
+        """See :meth:`PathCoefficients.x1_from_eps`."""
+        return self.at(t, x_t).x1_from_eps(x_t, eps_hat)
 
     def eps_from_x1(self, x_t: Tensor, x1_hat: Tensor, t: Tensor) -> Tensor:
-        """``eps = (x_t - alpha_t x1) / sigma_t``."""
-        c = self.at(t, x_t)
-        return (x_t.float() - c.alpha * x1_hat.float()) / c.sigma
+        """See :meth:`PathCoefficients.eps_from_x1`."""
+        return self.at(t, x_t).eps_from_x1(x_t, x1_hat)

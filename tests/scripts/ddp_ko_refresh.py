@@ -49,7 +49,7 @@ def main(out_dir: str) -> None:
     ko = RecordingKO(out_dir, every_n_steps=6, warmup_steps=6, estimator="data+model", n_queries=64, n_theta=16,
                      max_data=1024, batch_size=64, plot=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=13, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[ko],
     )
     trainer.fit(model, dm)
