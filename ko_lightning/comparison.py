@@ -1022,7 +1022,8 @@ def _save_samples_figure(config: CompareConfig, dm: L.LightningDataModule, rows:
                 shift = solver != "data" and config.train.dequantize
                 img = _digits_display(dm, x[:36], shift)[:, 0]
                 img = torch.cat([img, torch.zeros(36 - img.shape[0], 8, 8)]) if img.shape[0] < 36 else img
-                mosaic = img.reshape(6, 6, 8, 8).permute(0, 2, 1, 3).reshape(48, 48)
+                img = torch.nn.functional.pad(img, (1, 1, 1, 1), value=0.15)  # a thin frame between the digits
+                mosaic = img.reshape(6, 6, 10, 10).permute(0, 2, 1, 3).reshape(60, 60)
                 ax.imshow(mosaic.numpy(), cmap="gray_r", vmin=0, vmax=1)
             else:
                 pts = dm.denormalize(x[: config.eval.n_plot])  # type: ignore[attr-defined]

@@ -419,6 +419,35 @@ def _check_times(t_start: float, t_end: float, data_end: str) -> tuple[float, fl
     return t_start, t_end
 
 
+def _checked_solve(
+    velocity: VelocityFn,
+    x: Tensor,
+    name: str,
+    data_end: str,
+    solver: SolverSpec | None,
+    divergence: str,
+    probe: str,
+    num_probes: int,
+    generator: torch.Generator | None,
+    create_graph: bool | None,
+    t_start: float,
+    t_end: float,
+    progress: bool,
+) -> tuple[Tensor, Tensor, int, str, Tensor | None]:
+    """The argument handling shared by :func:`log_prob` and :func:`sample_with_log_prob`, then the solve.
+
+    Checks the input ``x`` (named ``name`` in errors) and the times (``data_end``: ``"start"`` for the backward
+    solve of :func:`log_prob`, ``"end"`` for sampling), defaults the solver, and returns :func:`_solve_augmented`'s
+    ``(x_end, change, nfe, estimator, probes)``.
+    """
+    _check_data(x, name)
+    t_start, t_end = _check_times(t_start, t_end, data_end)
+    solver = _default_solver() if solver is None else solver
+    return _solve_augmented(
+        velocity, x, t_start, t_end, solver, divergence, probe, num_probes, generator, create_graph, progress
+    )
+
+
 def _finish(
     x_data: Tensor, x_noise: Tensor, change: Tensor, nfe: int, estimator: str, probes: Tensor | None, data_first: bool
 ) -> LogProbResult:
@@ -501,11 +530,9 @@ def log_prob(
         >>> torch.allclose(res.log_prob, torch.full((2,), -1.5 * math.log(2 * math.pi)))
         True
     """
-    _check_data(x, "x")
-    t_start, t_end = _check_times(t_start, t_end, "start")
-    solver = _default_solver() if solver is None else solver
-    x_noise, change, nfe, estimator, probes = _solve_augmented(
-        velocity, x, t_start, t_end, solver, divergence, probe, num_probes, generator, create_graph, progress
+    x_noise, change, nfe, estimator, probes = _checked_solve(
+        velocity, x, "x", "start", solver, divergence, probe, num_probes, generator, create_graph, t_start, t_end,
+        progress,
     )
     return _finish(x, x_noise, change, nfe, estimator, probes, data_first=True)
 
@@ -538,11 +565,9 @@ def sample_with_log_prob(
         >>> round(float(res.log_prob[0]), 4)  # N(0, e^2 I) at 0: -log(2 pi) - 2
         -3.8379
     """
-    _check_data(x0, "x0")
-    t_start, t_end = _check_times(t_start, t_end, "end")
-    solver = _default_solver() if solver is None else solver
-    x_data, change, nfe, estimator, probes = _solve_augmented(
-        velocity, x0, t_start, t_end, solver, divergence, probe, num_probes, generator, create_graph, progress
+    x_data, change, nfe, estimator, probes = _checked_solve(
+        velocity, x0, "x0", "end", solver, divergence, probe, num_probes, generator, create_graph, t_start, t_end,
+        progress,
     )
     x_noise = x0.to(x_data.dtype)
     return _finish(x_data, x_noise, change, nfe, estimator, probes, data_first=False)

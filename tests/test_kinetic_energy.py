@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from scipy import integrate
@@ -20,25 +19,8 @@ from ko_lightning.kinetic import (
 from ko_lightning.paths import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, TabulatedPath, VPPath
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def two_point_lam(theta: np.ndarray, d: int) -> np.ndarray:
-    """lambda of {+u, -u} with ||u||^2 = d: E tanh^2(d s^2 + sqrt(d) s xi), xi ~ N(0, 1) (Gauss-Hermite)."""
-    x, w = np.polynomial.hermite_e.hermegauss(200)
-    s = np.tan(theta)[:, None]
-    return (np.tanh(d * s**2 + math.sqrt(d) * s * x[None]) ** 2 * (w / w.sum())).sum(1)
-
-
-@pytest.fixture(scope="module")
-def lam_two_point() -> SeparationFunction:
-    th = default_theta_grid(256)
-    return SeparationFunction(th, torch.from_numpy(two_point_lam(th.numpy(), 4)))
+# One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Analytic schedules in float64 for the independent check: t -> (alpha, sigma, alpha', sigma').

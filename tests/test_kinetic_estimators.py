@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from kinetic_helpers import two_point_lam
 
 from ko_lightning.kinetic import (
     DataNormalization,
@@ -21,19 +21,8 @@ from ko_lightning.kinetic import (
 from ko_lightning.paths import CondOTPath, VPPath
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def two_point_lam(theta: np.ndarray, d: int) -> np.ndarray:
-    """lambda of {+u, -u} with ||u||^2 = d: E tanh^2(d s^2 + sqrt(d) s xi), xi ~ N(0, 1) (Gauss-Hermite)."""
-    x, w = np.polynomial.hermite_e.hermegauss(200)
-    s = np.tan(theta)[:, None]
-    return (np.tanh(d * s**2 + math.sqrt(d) * s * x[None]) ** 2 * (w / w.sum())).sum(1)
+# One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int, d: int, seed: int, scale: float = 3.0, shift: float = 1.5) -> torch.Tensor:
@@ -41,6 +30,14 @@ def _data(n: int, d: int, seed: int, scale: float = 3.0, shift: float = 1.5) -> 
     # Clustered, un-normalized data: a few centres plus noise, so the posterior is neither flat nor one-hot.
     centres = torch.randn(4, d, generator=g)
     return scale * (centres[torch.randint(4, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)) + shift
+
+
+def _queries(n: int, d: int, n_queries: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random query points of a data set of ``n`` points in ``d`` dims: ``(index, noise)``."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (n_queries,), generator=g)
+    noise = torch.randn(n_queries, d, generator=g)
+    return index, noise
 
 
 def _reference_sums(data: torch.Tensor, theta: torch.Tensor, index: torch.Tensor, noise: torch.Tensor):
@@ -84,9 +81,7 @@ def test_posterior_mean_matches_float64_and_is_chunk_invariant() -> None:
 def test_estimator_kernel_matches_unchunked_float64_and_chunking_does_not_matter() -> None:
     data = _data(257, 12, 2)
     theta = default_theta_grid(9)
-    g = torch.Generator().manual_seed(3)
-    index = torch.randint(257, (40,), generator=g)
-    noise = torch.randn(40, 12, generator=g)
+    index, noise = _queries(257, 12, 40, seed=3)
     ref_mse, ref_norm2 = _reference_sums(data, theta, index, noise)
     results = []
     for qc, dc in ((1024, 2048), (5, 16), (3, 50), (9, 100000)):
@@ -120,9 +115,7 @@ def test_overflow_fallback_matches_float64() -> None:
 def test_partial_sums_of_two_halves_equal_one_pass() -> None:
     data = _data(200, 8, 4)
     theta = default_theta_grid(12)
-    g = torch.Generator().manual_seed(5)
-    index = torch.randint(200, (64,), generator=g)
-    noise = torch.randn(64, 8, generator=g)
+    index, noise = _queries(200, 8, 64, seed=5)
     norm = DataNormalization.from_data(data)
     whole = separation_sums_from_queries(data, theta, index, noise, norm)
     halves = separation_sums_from_queries(data, theta, index[:30], noise[:30], norm) + separation_sums_from_queries(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from kinetic_helpers import two_point_separation
 from scipy import optimize
 from sklearn.datasets import load_digits
 
@@ -21,24 +21,8 @@ from ko_lightning.kinetic import (
 from ko_lightning.paths import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, VPPath
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def two_point_lam(theta: np.ndarray, d: int) -> np.ndarray:
-    """lambda of {+u, -u} with ||u||^2 = d: E tanh^2(d s^2 + sqrt(d) s xi), xi ~ N(0, 1) (Gauss-Hermite)."""
-    x, w = np.polynomial.hermite_e.hermegauss(200)
-    s = np.tan(theta)[:, None]
-    return (np.tanh(d * s**2 + math.sqrt(d) * s * x[None]) ** 2 * (w / w.sum())).sum(1)
-
-
-def _two_point(d: int) -> SeparationFunction:
-    th = default_theta_grid(256)
-    return SeparationFunction(th, torch.from_numpy(two_point_lam(th.numpy(), d)))
+# One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits() -> SeparationFunction:
@@ -48,7 +32,11 @@ def _digits() -> SeparationFunction:
     )
 
 
-LAMBDAS = {"two-point d=1": lambda: _two_point(1), "two-point d=16": lambda: _two_point(16), "digits": _digits}
+LAMBDAS = {
+    "two-point d=1": lambda: two_point_separation(1),
+    "two-point d=16": lambda: two_point_separation(16),
+    "digits": _digits,
+}
 
 
 @pytest.fixture(scope="module", params=list(LAMBDAS))

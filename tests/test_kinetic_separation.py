@@ -10,13 +10,8 @@ import torch
 from ko_lightning.kinetic import SeparationFunction, default_theta_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's two cores are shared; intra-op threads only add contention for these small tensors.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_lam(theta: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -5,39 +5,21 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import pytest
 import torch
+from kinetic_helpers import two_point_separation
 
 from ko_lightning.kinetic import (
     DEFAULT_GAMMA_FLOORS,
     SeparationFunction,
-    default_theta_grid,
     kinetic_energy,
     solve_ko,
 )
 from ko_lightning.paths import CondOTPath, TabulatedPath
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def two_point_lam(theta: np.ndarray, d: int) -> np.ndarray:
-    """lambda of {+u, -u} with ||u||^2 = d: E tanh^2(d s^2 + sqrt(d) s xi), xi ~ N(0, 1) (Gauss-Hermite)."""
-    x, w = np.polynomial.hermite_e.hermegauss(200)
-    s = np.tan(theta)[:, None]
-    return (np.tanh(d * s**2 + math.sqrt(d) * s * x[None]) ** 2 * (w / w.sum())).sum(1)
-
-
-@pytest.fixture(scope="module")
-def lam_two_point() -> SeparationFunction:
-    th = default_theta_grid(256)
-    return SeparationFunction(th, torch.from_numpy(two_point_lam(th.numpy(), 4)))
+# One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("sigma_min", "v"), [(0.0, 1.0), (0.01, 1.0), (0.2, 1.0), (0.1, 2.5)])
@@ -115,8 +97,7 @@ def test_theorem_3_1(lam_two_point) -> None:
 
 @pytest.mark.parametrize("d", [1, 4, 64])
 def test_regularization_price_and_consistency(d: int) -> None:
-    th = default_theta_grid(256)
-    lam = SeparationFunction(th, torch.from_numpy(two_point_lam(th.numpy(), d)))
+    lam = two_point_separation(d)
     sol = solve_ko(lam)
     assert sol.ke >= sol.ke_min - 1e-12
     assert sol.ke_price <= 0.005 * sol.ke_min + 1e-10

@@ -7,12 +7,16 @@ sampler that yields whole *index batches* and a dataset whose ``__getitem__`` sl
 
 Under DDP, Lightning wraps such a sampler in its ``DistributedSamplerWrapper``, which hands each rank a disjoint
 subset of the batches (the sampler is seeded identically on every rank, so all ranks agree on the batch list).
+
+The data modules share their loaders through :class:`SplitTensorDataModule`, and the normalized ones (digits, 2D
+toys) their split tensors and ko-math §2 normalization through :class:`NormalizedSplitDataModule`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "IndexBatchSampler",
+    "NormalizedSplitDataModule",
+    "SplitTensorDataModule",
     "TensorBatchDataset",
     "derive_seed",
     "make_loader",
@@ -220,3 +226,136 @@ def moment_normalization(data: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(scale > 0):
         raise ValueError("the data are constant: cannot normalize to unit second moment")
     return mean.float(), scale.float()
+
+
+class SplitTensorDataModule(L.LightningDataModule):
+    """Base of the in-memory data modules: the loaders of named splits held as tensors.
+
+    A subclass keeps every split (``"train"``, ``"val"``, ``"test"``) as one tensor and implements :meth:`_split`,
+    which returns the tensor the loaders of a split draw from (running ``setup`` first if needed). This class
+    validates and stores ``batch_size``, ``seed`` and ``num_workers`` and provides the loaders:
+
+    - :meth:`train_dataloader`: shuffled batches, reshuffled every epoch (seeded by ``derive_seed(seed, 3)`` and the
+      epoch), the last incomplete batch dropped;
+    - :meth:`val_dataloader` / :meth:`test_dataloader`: the split in order, all batches kept; an empty list (which
+      Lightning skips) for an empty split.
+
+    Each batch goes through :meth:`_batch_transform` (none by default). A module without some split may raise from
+    :meth:`_split` (as :class:`~ko_lightning.data.images.ImageDataModule` does for ``"test"`` without ``test_path``).
+
+    Args:
+        batch_size: batch size of all loaders.
+        seed: base seed of the shuffling (subclasses also seed their splits with it).
+        num_workers: loader worker processes (0 is best for in-memory data).
+
+    Raises:
+        ValueError: naming ``batch_size`` if it is not positive, ``num_workers`` if it is negative.
+    """
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def _split(self, split: str) -> Tensor:
+        """The tensor that the loaders of ``split`` (``"train"``, ``"val"`` or ``"test"``) draw from."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _split(split)")
+
+    def _batch_transform(self, train: bool) -> Callable[[Tensor], Tensor] | None:
+        """Transform applied to every batch of the train (``train=True``) or evaluation loaders; None: no transform."""
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (reshuffled every epoch, last incomplete batch dropped)."""
+        return make_loader(
+            self._split("train"),
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=derive_seed(self.seed, 3),
+            num_workers=self.num_workers,
+            transform=self._batch_transform(True),
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        data = self._split(split)
+        if data.shape[0] == 0:
+            return []  # Lightning skips an empty list of loaders
+        return make_loader(
+            data,
+            self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            transform=self._batch_transform(False),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split in order (an empty list when the split is empty)."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The test split in order (an empty list when the split is empty)."""
+        return self._eval_loader("test")
+
+
+class NormalizedSplitDataModule(SplitTensorDataModule):
+    """A :class:`SplitTensorDataModule` whose splits are stored normalized as in ko-math §2.
+
+    A subclass's ``setup`` fills ``self.mean`` and ``self.scale`` (the :func:`moment_normalization` statistics of
+    its raw train split) and ``self._splits`` (``{"train", "val", "test"}`` -> normalized tensors), once: later
+    calls must do nothing. This class provides :meth:`normalize` and :meth:`denormalize` and the split tensors
+    :meth:`train_tensor`, :meth:`val_tensor` and :meth:`test_tensor`, running ``setup`` when first needed.
+
+    Args:
+        batch_size, seed, num_workers: as in :class:`SplitTensorDataModule`.
+
+    Attributes:
+        mean: per-feature train mean in raw units, shape ``data_shape`` (after ``setup``).
+        scale: global scale, a 0-d tensor (after ``setup``).
+    """
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__(batch_size, seed, num_workers)
+        self.mean: Tensor | None = None
+        self.scale: Tensor | None = None
+        self._splits: dict[str, Tensor] = {}
+
+    def _split(self, split: str) -> Tensor:
+        self.setup()
+        return self._splits[split]
+
+    def _stats(self) -> tuple[Tensor, Tensor]:
+        if self.mean is None or self.scale is None:
+            self.setup()
+        assert self.mean is not None and self.scale is not None
+        return self.mean, self.scale
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw data, shape ``(B, *data_shape)`` -> model space: ``(x - mean) / scale``."""
+        mean, scale = self._stats()
+        return (x - mean.to(x.device, x.dtype)) / scale.to(x.device, x.dtype)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Model space -> raw data: ``x * scale + mean`` (the exact inverse of :meth:`normalize`)."""
+        mean, scale = self._stats()
+        return x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
+
+    def train_tensor(self, n: int | None = None) -> Tensor:
+        """The normalized training set as one tensor ``(N_train, *data_shape)``, or its first ``n`` samples (a
+        random subset, since the split is in random order). The input of the KO separation estimator."""
+        data = self._split("train")
+        return data if n is None else data[:n]
+
+    def val_tensor(self) -> Tensor:
+        """The normalized validation set, shape ``(N_val, *data_shape)``."""
+        return self._split("val")
+
+    def test_tensor(self) -> Tensor:
+        """The normalized test set, shape ``(N_test, *data_shape)``."""
+        return self._split("test")

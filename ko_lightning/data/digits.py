@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ko_lightning.data.base import derive_seed, make_loader, moment_normalization, split_indices, split_sizes
+from ko_lightning.data.base import NormalizedSplitDataModule, moment_normalization, split_indices, split_sizes
 
 __all__ = ["DigitsDataModule"]
 
@@ -24,7 +22,7 @@ def _load_digits_pixels() -> Tensor:
     return torch.as_tensor(load_digits().data, dtype=torch.float32)
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(NormalizedSplitDataModule):
     """Real, small image data for fast experiments: ``sklearn.datasets.load_digits``, normalized as in ko-math §2.
 
     The 1797 images are split at random (seeded) into train/val/test. On the train split only, the per-pixel mean
@@ -64,24 +62,14 @@ class DigitsDataModule(L.LightningDataModule):
         flatten: bool = False,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
         split_sizes(1797, val_fraction, test_fraction)  # validates the fractions early
         self.save_hyperparameters(logger=False)
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
         self.flatten = flatten
-        self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
-        self.mean: Tensor | None = None
-        self.scale: Tensor | None = None
         self.indices: dict[str, Tensor] = {}
-        self._splits: dict[str, Tensor] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and normalize (once; later calls do nothing)."""
@@ -99,21 +87,6 @@ class DigitsDataModule(L.LightningDataModule):
             name: self.normalize(raw[idx].reshape(-1, *self.data_shape)) for name, idx in self.indices.items()
         }
 
-    def _stats(self) -> tuple[Tensor, Tensor]:
-        if self.mean is None or self.scale is None:
-            self.setup()
-        assert self.mean is not None and self.scale is not None
-        return self.mean, self.scale
-
-    def _split(self, split: str) -> Tensor:
-        self.setup()
-        return self._splits[split]
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Raw pixel values (0..16), shape ``(B, *data_shape)`` -> model space ``(x - mean) / scale``."""
-        mean, scale = self._stats()
-        return (x - mean.to(x.device, x.dtype)) / scale.to(x.device, x.dtype)
-
     def denormalize(self, x: Tensor, clamp: bool = False) -> Tensor:
         """Model space -> raw pixel values: ``x * scale + mean``, the exact inverse of :meth:`normalize`.
 
@@ -121,49 +94,9 @@ class DigitsDataModule(L.LightningDataModule):
             x: normalized samples, shape ``(B, *data_shape)``.
             clamp: clip the result to the valid pixel range ``[0, 16]`` (for generated samples).
         """
-        mean, scale = self._stats()
-        out = x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
+        out = super().denormalize(x)
         return out.clamp(0.0, _MAX_PIXEL) if clamp else out
 
     def to_display(self, x: Tensor) -> Tensor:
         """Normalized samples -> images in ``[0, 1]`` of shape ``(B, 1, 8, 8)`` (0 = background), for plotting."""
         return (self.denormalize(x, clamp=True) / _MAX_PIXEL).reshape(-1, 1, 8, 8)
-
-    def train_tensor(self, n: int | None = None) -> Tensor:
-        """The normalized training set as one tensor ``(N_train, *data_shape)`` (first ``n`` if given: a random
-        subset, since the split is in random order). The input of the KO separation estimator."""
-        data = self._split("train")
-        return data if n is None else data[:n]
-
-    def val_tensor(self) -> Tensor:
-        """The normalized validation set, shape ``(N_val, *data_shape)``."""
-        return self._split("val")
-
-    def test_tensor(self) -> Tensor:
-        """The normalized test set, shape ``(N_test, *data_shape)``."""
-        return self._split("test")
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (reshuffled every epoch, last incomplete batch dropped)."""
-        return make_loader(
-            self._split("train"),
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=derive_seed(self.seed, 3),
-            num_workers=self.num_workers,
-        )
-
-    def _eval_loader(self, split: str) -> DataLoader | list:
-        data = self._split(split)
-        if data.shape[0] == 0:
-            return []  # Lightning skips an empty list of loaders
-        return make_loader(data, self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The validation split in order (an empty list when ``val_fraction == 0``)."""
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        """The test split in order (an empty list when ``test_fraction == 0``)."""
-        return self._eval_loader("test")

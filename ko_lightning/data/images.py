@@ -10,13 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ko_lightning.data.base import derive_seed, make_loader, split_indices, split_sizes
+from ko_lightning.data.base import SplitTensorDataModule, split_indices, split_sizes
 
 __all__ = ["IMAGE_EXTENSIONS", "NPZ_KEYS", "ImageDataModule", "load_image_folder", "load_image_array", "load_images"]
 
@@ -206,12 +204,17 @@ class _ToSignedUnit:
         return x
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SplitTensorDataModule):
     """Images from disk, as float tensors in ``[-1, 1]`` of shape ``(B, C, H, W)``.
 
     The pixels are kept as uint8 (:meth:`raw_tensor`) so that evaluation can dequantize them for bits/dim; batches
     are ``x = u / 127.5 - 1`` for uint8 pixels ``u``, with a random horizontal flip on the training batches. A
     seeded ``val_fraction`` of ``path`` is held out for validation; the test set comes from ``test_path``.
+
+    The loaders are those of :class:`~ko_lightning.data.base.SplitTensorDataModule`: shuffled training batches (random
+    flips if enabled, last incomplete batch dropped); the validation split and the images of ``test_path`` in order,
+    without flips (the validation loader is an empty list when ``val_fraction == 0``; the test loader raises a
+    ``ValueError`` if no ``test_path`` was given).
 
     Args:
         path: a folder of image files (searched recursively) or a ``.npz``/``.npy`` uint8 array file.
@@ -250,11 +253,7 @@ class ImageDataModule(L.LightningDataModule):
         npz_key: str | None = None,
         test_path: str | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
         bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
         if image_size is not None and bad_size:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
@@ -264,11 +263,8 @@ class ImageDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"{name} not found: {str(value)!r}")
         self.save_hyperparameters(logger=False)
         self.path = str(path)
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.image_size = image_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.random_flip = random_flip
         self.npz_key = npz_key
         self.test_path = None if test_path is None else str(test_path)
@@ -339,39 +335,8 @@ class ImageDataModule(L.LightningDataModule):
         return self.normalize(raw if n is None else raw[:n])
 
     # --------------------------------------------------------------- loaders
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches in ``[-1, 1]`` (random flips if enabled; last incomplete batch dropped)."""
-        return make_loader(
-            self.raw_tensor("train"),
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=derive_seed(self.seed, 3),
-            num_workers=self.num_workers,
-            transform=_ToSignedUnit(self.random_flip),
-        )
+    def _split(self, split: str) -> Tensor:
+        return self.raw_tensor(split)  # uint8: the loaders map each batch to [-1, 1]
 
-    def _eval_loader(self, split: str) -> DataLoader | list:
-        raw = self.raw_tensor(split)
-        if raw.shape[0] == 0:
-            return []
-        return make_loader(
-            raw,
-            self.batch_size,
-            shuffle=False,
-            drop_last=False,
-            num_workers=self.num_workers,
-            transform=_ToSignedUnit(False),
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The validation split in order, no flips (an empty list when ``val_fraction == 0``)."""
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        """The images of ``test_path`` in order, no flips.
-
-        Raises:
-            ValueError: if no ``test_path`` was given.
-        """
-        return self._eval_loader("test")
+    def _batch_transform(self, train: bool) -> _ToSignedUnit:
+        return _ToSignedUnit(self.random_flip and train)

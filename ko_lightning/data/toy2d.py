@@ -10,12 +10,10 @@ import math
 import operator
 from collections.abc import Callable
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ko_lightning.data.base import derive_seed, make_loader, moment_normalization
+from ko_lightning.data.base import NormalizedSplitDataModule, derive_seed, moment_normalization
 
 __all__ = [
     "TOY2D_SAMPLERS",
@@ -140,7 +138,7 @@ TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
 """The named 2D samplers understood by :class:`Toy2DDataModule`."""
 
 
-class Toy2DDataModule(L.LightningDataModule):
+class Toy2DDataModule(NormalizedSplitDataModule):
     """Fixed, seeded train/val/test sets from a 2D toy distribution, normalized as in ko-math §2.
 
     The train set defines the normalization ``x_norm = (x - mean) / scale`` with the per-coordinate ``mean`` and
@@ -180,30 +178,20 @@ class Toy2DDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
         if name not in TOY2D_SAMPLERS:
             raise ValueError(f"unknown toy data set name={name!r}; valid names: {sorted(TOY2D_SAMPLERS)}")
         for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if arg == "n_train" else 1):
                 raise ValueError(f"{arg} must be a positive int (n_train >= 2), got {value!r}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
         if batch_size > n_train:
             raise ValueError(
                 f"batch_size={batch_size} exceeds n_train={n_train}; the train loader drops the last incomplete batch"
             )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(logger=False)
         self.name = name
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (2,)
-        self.mean: Tensor | None = None
-        self.scale: Tensor | None = None
-        self._splits: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ data
     def _draw(self, n: int, split_id: int) -> Tensor:
@@ -221,60 +209,3 @@ class Toy2DDataModule(L.LightningDataModule):
             "val": self.normalize(self._draw(self.n_val, 1)),
             "test": self.normalize(self._draw(self.n_test, 2)),
         }
-
-    def _split(self, split: str) -> Tensor:
-        self.setup()
-        return self._splits[split]
-
-    def _stats(self) -> tuple[Tensor, Tensor]:
-        if self.mean is None or self.scale is None:
-            self.setup()
-        assert self.mean is not None and self.scale is not None
-        return self.mean, self.scale
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Raw points -> model space: ``(x - mean) / scale``."""
-        mean, scale = self._stats()
-        return (x - mean.to(x.device, x.dtype)) / scale.to(x.device, x.dtype)
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Model space -> raw points: ``x * scale + mean`` (the exact inverse of :meth:`normalize`)."""
-        mean, scale = self._stats()
-        return x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
-
-    def train_tensor(self, n: int | None = None) -> Tensor:
-        """The normalized training set, shape ``(n_train, 2)`` (or its first ``n`` points, a random subset)."""
-        data = self._split("train")
-        return data if n is None else data[:n]
-
-    def val_tensor(self) -> Tensor:
-        """The normalized validation set, shape ``(n_val, 2)``."""
-        return self._split("val")
-
-    def test_tensor(self) -> Tensor:
-        """The normalized test set, shape ``(n_test, 2)``."""
-        return self._split("test")
-
-    # --------------------------------------------------------------- loaders
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the train set (reshuffled every epoch, last incomplete batch dropped)."""
-        return make_loader(
-            self._split("train"),
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=derive_seed(self.seed, 3),
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """The fixed validation set in order."""
-        return make_loader(
-            self._split("val"), self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        """The fixed test set in order."""
-        return make_loader(
-            self._split("test"), self.batch_size, shuffle=False, drop_last=False, num_workers=self.num_workers
-        )
