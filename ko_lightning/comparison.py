@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -302,6 +303,14 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml_numbers(section: Mapping[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; turn such values of a free-form section into floats."""
+    return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.match(v) else v for k, v in section.items()}
+
+
 def _dataclass_from(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
@@ -370,8 +379,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> CompareConfig:
         else:
             kwargs[key] = _coerce(value, hints[key], key)
     config = dataclasses.replace(defaults, **kwargs)
-    config.data = _check_data(config.data)
-    config.net = _check_net(config.net)
+    config.data = _check_data(_yaml_numbers(config.data))
+    config.net = _check_net(_yaml_numbers(config.net))
+    config.ko = _yaml_numbers(config.ko)
     if config.net["kind"] == "unet" and not config.is_digits:
         raise ConfigError("net.kind 'unet' needs image data (data.name 'digits')")
     _check_keys(config.ko, _signature_keys(KOScheduleCallback), "ko.")
@@ -906,8 +916,8 @@ def results_tables(config: CompareConfig, rows: list[PathResult]) -> str:
     header += [f"{short} {s.replace('euler ', 'Euler ')}" for s in solvers] + ["NFE dopri5"]
     body = []
     for r in rows:
-        cells = [r.label, f"{_fmt(r.nll_bpd)} ± {_fmt(r.nll_bpd_se, 2)}", f"{_fmt(r.ke_model)} ± {_fmt(r.ke_model_se, 2)}",
-                 _fmt(r.ke_path)]
+        cells = [r.label, f"{_fmt(r.nll_bpd)} ± {_fmt(r.nll_bpd_se, 2)}",
+                 f"{_fmt(r.ke_model)} ± {_fmt(r.ke_model_se, 2)}", _fmt(r.ke_path)]
         cells += [_fmt(r.solvers[s][key0] * mult0) for s in solvers] + [str(int(r.solvers["dopri5"]["nfe"]))]
         body.append(cells)
     parts = [f"### Main table ({short}: {title0})\n\n" + _table(header, body)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -29,7 +30,7 @@ __all__ = ["KOScheduleCallback", "RefreshReport"]
 
 Estimator = Literal["model", "data", "data+model"]
 _ESTIMATORS = ("model", "data", "data+model")
-_SUM_FIELDS = ("sq_error", "count", "sq_error_sq", "cv_sum", "cv_sq", "cv_cross")
+_SUM_FIELDS = tuple(f.name for f in dataclasses.fields(SeparationSums) if f.name != "theta")
 
 
 @dataclass
