@@ -310,7 +310,10 @@ class FlowMatching(L.LightningModule):
         generator: torch.Generator | None = None,
         time_points: Tensor | None = None,
     ) -> SampleResult:
-        """Draw samples by solving ``dx/dt = v_theta(x, t)`` from noise at t = 0 to t = 1.
+        """Draw samples by solving ``dx/dt = v_theta(x, t)`` from noise at t = 0 to ``t = 1 - t_eps``.
+
+        The solve stops at ``1 - t_eps``, the end of the times the model was trained on (paths such as VP have an
+        infinite velocity at t = 1).
 
         Fixed-step methods (euler, midpoint, heun, heun3, rk4) take ``steps`` (default 100); adaptive methods
         (dopri5, ...) take ``atol``/``rtol`` (default 1e-5). A knob that does not belong to the method is an error.
@@ -342,7 +345,8 @@ class FlowMatching(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return integrate(self.velocity, x0.to(self.device).float(), solver, time_points=time_points)
+            return integrate(self.velocity, x0.to(self.device).float(), solver, t_end=1.0 - self.t_eps,
+                             time_points=time_points)
         finally:
             self.train(was_training)
 

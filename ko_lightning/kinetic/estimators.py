@@ -36,29 +36,51 @@ __all__ = [
 X1Predictor = Callable[[Tensor, Tensor], Tensor]
 
 
+_CV1_FIELDS = ("cv_sum", "cv_sq", "cv_cross")
+_CV2_FIELDS = ("cv2_sum", "cv2_sq", "cv2_cross", "cv12")
+#: Two control variates whose sample correlation is this close to +-1 (``det Cov(D) <= tol var(D1) var(D2)``) are
+#: treated as collinear: the regression falls back to the better single one.
+_COLLINEAR_TOL = 1e-8
+
+
 @dataclass(frozen=True)
 class SeparationSums:
     """Additive partial sums of a separation-function estimate.
 
     Per grid point ``k`` and query ``j`` the estimators record the MSE form ``A = ||y - y_hat||^2 / d`` (ko-math
     §3: low variance where ``lambda ~ 1``). The data estimator, whose ``y_hat = E[y | x_t]`` is exact, also
-    records ``B = 1 - ||y_hat||^2 / d`` (the same mean ``1 - lambda``, but low variance where ``lambda ~ 0``)
-    through the control variate ``D = A - B`` (mean 0): the estimate is
+    records two control variates of exactly known mean 0:
 
-        ``1 - lambda = mean(A) - beta mean(D)``,  ``beta = cov(A, D) / var(D)``,
+    - ``D1 = A - B`` with ``B = 1 - ||y_hat||^2 / d`` (the same mean ``1 - lambda``, but low variance where
+      ``lambda ~ 0``);
+    - ``D2 = L - E[L]`` with ``L = ||y - sin(theta) x_t||^2 / d = ||cos^2(theta) y - sin(theta) cos(theta) eps||^2
+      / d``, the residual of the linear (Gaussian) posterior mean, for ``x_t = sin(theta) y + cos(theta) eps``.
+      ``E[L] = cos^4(theta) m2 + sin^2(theta) cos^2(theta)`` with ``m2 = E||y||^2 / d`` over the data set the
+      queries are drawn from (``1`` when the normalization is that set's own). ``A ~ L`` for nearly Gaussian
+      data, where ``D1`` alone removes little of ``A``'s variance.
 
-    the minimum-variance combination (``beta`` from the same samples: bias ``O(1/count)``). All fields are sums,
-    so partial sums from disjoint query sets (other processes, other seeds) add with ``+`` (or
-    ``torch.distributed.all_reduce`` of each tensor) before dividing.
+    The estimate is the minimum-variance (least-squares) combination
+
+        ``1 - lambda = mean(A) - b^T mean(D)``,  ``b = Cov(D)^{-1} Cov(D, A)``,
+
+    per grid point over the control variates present (``b`` from the same samples: bias ``O(1/count)``; a
+    singular / collinear ``Cov(D)`` falls back to the better single control variate). All fields are sums, so
+    partial sums from disjoint query sets (other processes, other seeds) add with ``+`` (or
+    ``torch.distributed.all_reduce`` of each tensor) before dividing; every field other than ``theta`` is a
+    ``(G,)`` tensor or ``None``.
 
     Attributes:
         theta: the grid, ``(G,)`` float64.
         sq_error: ``sum_j A`` per grid point (float64).
         count: number of queries per grid point (float64).
         sq_error_sq: ``sum_j A^2`` (for :attr:`standard_error`).
-        cv_sum: ``sum_j D``, or ``None`` (model estimator: no control variate).
-        cv_sq: ``sum_j D^2``, or ``None``.
-        cv_cross: ``sum_j A D``, or ``None``.
+        cv_sum: ``sum_j D1``, or ``None`` (model estimator: no control variate).
+        cv_sq: ``sum_j D1^2``, or ``None``.
+        cv_cross: ``sum_j A D1``, or ``None``.
+        cv2_sum: ``sum_j D2``, or ``None`` (then only ``D1`` is used). Requires the ``D1`` fields.
+        cv2_sq: ``sum_j D2^2``, or ``None``.
+        cv2_cross: ``sum_j A D2``, or ``None``.
+        cv12: ``sum_j D1 D2``, or ``None``.
     """
 
     theta: Tensor
@@ -68,14 +90,22 @@ class SeparationSums:
     cv_sum: Tensor | None = None
     cv_sq: Tensor | None = None
     cv_cross: Tensor | None = None
+    cv2_sum: Tensor | None = None
+    cv2_sq: Tensor | None = None
+    cv2_cross: Tensor | None = None
+    cv12: Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("sq_error", "count", "sq_error_sq", "cv_sum", "cv_sq", "cv_cross"):
+        for name in ("sq_error", "count", "sq_error_sq", *_CV1_FIELDS, *_CV2_FIELDS):
             value = getattr(self, name)
             if value is not None and value.shape != self.theta.shape:
                 raise ValueError(f"{name} must have theta's shape {tuple(self.theta.shape)}, got {tuple(value.shape)}")
-        if len({getattr(self, n) is None for n in ("cv_sum", "cv_sq", "cv_cross")}) != 1:
+        if len({getattr(self, n) is None for n in _CV1_FIELDS}) != 1:
             raise ValueError("cv_sum, cv_sq and cv_cross must be given together")
+        if len({getattr(self, n) is None for n in _CV2_FIELDS}) != 1:
+            raise ValueError("cv2_sum, cv2_sq, cv2_cross and cv12 must be given together")
+        if self.cv2_sum is not None and self.cv_sum is None:
+            raise ValueError("cv2_sum, cv2_sq, cv2_cross and cv12 need cv_sum, cv_sq and cv_cross")
 
     def __add__(self, other: SeparationSums) -> SeparationSums:
         if not isinstance(other, SeparationSums):
@@ -83,47 +113,62 @@ class SeparationSums:
         if other.theta.shape != self.theta.shape or not torch.allclose(other.theta.to(self.theta), self.theta):
             raise ValueError("other must be on the same theta grid")
 
-        def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        def add(name: str) -> Tensor | None:
+            a, b = getattr(self, name), getattr(other, name)
             return None if a is None or b is None else a + b.to(a)
 
-        return SeparationSums(
-            self.theta,
-            self.sq_error + other.sq_error.to(self.sq_error),
-            self.count + other.count.to(self.count),
-            self.sq_error_sq + other.sq_error_sq.to(self.sq_error_sq),
-            add(self.cv_sum, other.cv_sum),
-            add(self.cv_sq, other.cv_sq),
-            add(self.cv_cross, other.cv_cross),
-        )
+        # A control-variate group survives only if both operands carry it (D2 needs D1).
+        kept = {name: add(name) for name in ("sq_error", "count", "sq_error_sq", *_CV1_FIELDS)}
+        if kept["cv_sum"] is not None:
+            kept.update({name: add(name) for name in _CV2_FIELDS})
+        return SeparationSums(self.theta, **kept)
 
-    def _moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``mean(A)``, ``beta``, ``mean(D)`` and the per-sample variance of ``A - beta D``."""
-        mean_a = self.sq_error / self.count
-        var_a = (self.sq_error_sq / self.count - mean_a**2).clamp_min(0.0)
+    def _moments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``mean(A)``, the correction ``b^T mean(D)`` and the per-sample variance of ``A - b^T D``."""
+        n = self.count
+        mean_a = self.sq_error / n
+        var_a = (self.sq_error_sq / n - mean_a**2).clamp_min(0.0)
+        zero = torch.zeros_like(mean_a)
         if self.cv_sum is None or self.cv_sq is None or self.cv_cross is None:
-            zero = torch.zeros_like(mean_a)
-            return mean_a, zero, zero, var_a
-        mean_d = self.cv_sum / self.count
-        var_d = (self.cv_sq / self.count - mean_d**2).clamp_min(0.0)
-        cov_ad = self.cv_cross / self.count - mean_a * mean_d
-        safe = var_d > 1e-300
-        beta = torch.where(safe, cov_ad / var_d.clamp_min(1e-300), torch.zeros_like(var_d))
-        var = (var_a - torch.where(safe, cov_ad**2 / var_d.clamp_min(1e-300), torch.zeros_like(var_d)))
-        return mean_a, beta, mean_d, var.clamp_min(0.0)
+            return mean_a, zero, var_a
+        tiny = 1e-300
+
+        def single(s: Tensor, sq: Tensor, cross: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            mean_d = s / n
+            var_d = (sq / n - mean_d**2).clamp_min(0.0)
+            cov = cross / n - mean_a * mean_d
+            ok = var_d > tiny
+            beta = torch.where(ok, cov / var_d.clamp_min(tiny), zero)
+            return mean_d, var_d, cov, beta
+
+        m1, v1, c1, beta1 = single(self.cv_sum, self.cv_sq, self.cv_cross)
+        red1 = beta1 * c1  # variance removed by D1 alone: cov^2 / var
+        if self.cv2_sum is None or self.cv2_sq is None or self.cv2_cross is None or self.cv12 is None:
+            return mean_a, beta1 * m1, (var_a - red1).clamp_min(0.0)
+        m2, v2, c2, beta2 = single(self.cv2_sum, self.cv2_sq, self.cv2_cross)
+        red2 = beta2 * c2
+        c12 = self.cv12 / n - m1 * m2
+        det = v1 * v2 - c12**2
+        ok = (v1 > tiny) & (v2 > tiny) & (det > _COLLINEAR_TOL * v1 * v2)
+        safe_det = torch.where(ok, det, torch.ones_like(det))
+        b1 = torch.where(ok, (v2 * c1 - c12 * c2) / safe_det, torch.where(red1 >= red2, beta1, zero))
+        b2 = torch.where(ok, (v1 * c2 - c12 * c1) / safe_det, torch.where(red1 >= red2, zero, beta2))
+        # Residual variance of A - b1 D1 - b2 D2 with the least-squares b: var(A) - b . Cov(D, A).
+        return mean_a, b1 * m1 + b2 * m2, (var_a - b1 * c1 - b2 * c2).clamp_min(0.0)
 
     @property
     def lam(self) -> Tensor:
         """Raw estimate of ``lambda`` (not projected; Monte-Carlo noise may take it slightly out of ``[0, 1]``)."""
-        mean_a, beta, mean_d, _ = self._moments()
-        return 1.0 - (mean_a - beta * mean_d)
+        mean_a, correction, _ = self._moments()
+        return 1.0 - (mean_a - correction)
 
     @property
     def standard_error(self) -> Tensor:
-        """Monte-Carlo standard error of :attr:`lam` per grid point, ``sqrt(var(A - beta D) / count)``.
+        """Monte-Carlo standard error of :attr:`lam` per grid point, ``sqrt(var(A - b^T D) / count)``.
 
         Treats the queries as independent (they are, within a grid point).
         """
-        return torch.sqrt(self._moments()[3] / self.count)
+        return torch.sqrt(self._moments()[2] / self.count)
 
     def to_function(self, smoothing: float = 0.0) -> SeparationFunction:
         """The :class:`SeparationFunction` of these sums: :attr:`lam` clipped to ``[0, 1]``, ``counts = count``.
@@ -160,7 +205,7 @@ def separation_sums_from_queries(
 
     With normalized data ``y_i`` and ``s = tan theta`` (path ``alpha = sin theta``, ``sigma = cos theta``), query
     ``j`` at angle ``theta`` is ``x = sin(theta) y_{i_j} + cos(theta) eps_j`` and contributes
-    ``||y_{i_j} - E[y | x]||^2 / d`` (and the control variate of :class:`SeparationSums`), where
+    ``||y_{i_j} - E[y | x]||^2 / d`` (and the control variates ``D1``, ``D2`` of :class:`SeparationSums`), where
     ``E[y | x] = sum_k softmax_k(l_k) y_k`` with logits
 
         ``l_k = -s^2 ||y_{i_j} - y_k||^2 / 2 + s eps_j . (y_k - y_{i_j})``  (relative to the query's own point).
@@ -171,6 +216,13 @@ def separation_sums_from_queries(
     weight overflow), and at high SNR only the data points that carry weight enter the weighted sum. Peak
     temporaries: ``R x data_chunk`` logits with ``R <= query_chunk`` rows (query x angle pairs), ``R x d``
     sums, ``2 x data_chunk x d`` data and the ``Q x d`` queries themselves.
+
+    ``D2``'s known mean ``E[L] = cos^4(theta) m2 + sin^2(theta) cos^2(theta)`` uses ``m2 = mean_i ||y_i||^2 / d``
+    over all of ``data`` under ``normalization`` (computed here in one extra pass over ``data``: ``m2 = 1`` for
+    the data's own normalization, and a foreign one, e.g. global statistics on a data-parallel shard, is
+    corrected exactly). That is the mean for queries drawn uniformly from ``data``, as
+    :func:`separation_sums_from_data` draws them; for a non-uniform ``query_index`` the mean of ``D2`` is
+    ``cos^4(theta) (mean_j ||y_{i_j}||^2 / d - m2)`` and the estimate carries that bias times ``D2``'s coefficient.
 
     Args:
         data: the finite set, ``(n, ...)``, any dtype/device (converted chunk by chunk).
@@ -213,8 +265,21 @@ def separation_sums_from_queries(
     grams_buf = torch.empty(2 * per_block * c_max, device=dev)
     logits_buf = torch.empty(theta_block * per_block * c_max, device=dev)
     y_buf = torch.empty(c_max * d, device=dev)
-    sums = [torch.zeros(n_theta, dtype=torch.float64) for _ in range(6)]
-    sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross = sums
+    sums = [torch.zeros(n_theta, dtype=torch.float64) for _ in range(10)]
+    sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross, cv2_sum, cv2_sq, cv2_cross, cv12 = sums
+    # Second control variate D2 = L - E[L] (SeparationSums), L = ||cos^2 y - sin cos eps||^2 / d
+    #   = cos^4 ||y||^2/d - 2 sin cos^3 y.eps/d + sin^2 cos^2 ||eps||^2/d,  E[L] = cos^4 m2 + sin^2 cos^2,
+    # with m2 = mean ||y||^2 / d over the data set (queries uniform over it); split into per-query zero-mean parts.
+    m2 = _mean_sq_norm(flat, norm, dev, data_chunk, y_buf)
+    lin_y, lin_cross, lin_eps = (torch.empty(n_q, dtype=torch.float64, device=dev) for _ in range(3))
+    for r0 in range(0, n_q, 1024):  # float64 in row chunks (no Q x d float64 copy)
+        yq64, eps64 = yq_all[r0 : r0 + 1024].double(), eps_all[r0 : r0 + 1024].double()
+        lin_y[r0 : r0 + 1024] = (yq64 * yq64).sum(1) / d - m2  # mean 0 over a uniform query point
+        lin_cross[r0 : r0 + 1024] = (yq64 * eps64).sum(1) / d  # mean 0: eps independent of y
+        lin_eps[r0 : r0 + 1024] = (eps64 * eps64).sum(1) / d - 1.0  # mean 0
+    cos_t, sin_t = torch.cos(theta64).to(dev), torch.sin(theta64).to(dev)
+    lin_coeffs = torch.stack([cos_t**4, -2.0 * sin_t * cos_t**3, sin_t**2 * cos_t**2], 1)  # (G, 3) float64
+    lin_parts = torch.stack([lin_y, lin_cross, lin_eps], 0)  # (3, Q) float64
     for g0 in range(0, n_theta, theta_block):
         s_g = snr[g0 : g0 + theta_block]
         n_g = s_g.numel()
@@ -262,8 +327,27 @@ def separation_sums_from_queries(
             cv_sum[g0 : g0 + n_g] += cv.sum(1).cpu()
             cv_sq[g0 : g0 + n_g] += (cv * cv).sum(1).cpu()
             cv_cross[g0 : g0 + n_g] += (err * cv).sum(1).cpu()
+            cv2 = lin_coeffs[g0 : g0 + n_g] @ lin_parts[:, q0 : q0 + n_b]  # D2 = L - E[L], (n_g, n_b)
+            cv2_sum[g0 : g0 + n_g] += cv2.sum(1).cpu()
+            cv2_sq[g0 : g0 + n_g] += (cv2 * cv2).sum(1).cpu()
+            cv2_cross[g0 : g0 + n_g] += (err * cv2).sum(1).cpu()
+            cv12[g0 : g0 + n_g] += (cv * cv2).sum(1).cpu()
             count[g0 : g0 + n_g] += n_b
-    return SeparationSums(theta64.cpu(), sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross)
+    return SeparationSums(
+        theta64.cpu(), sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross, cv2_sum, cv2_sq, cv2_cross, cv12
+    )
+
+
+def _mean_sq_norm(
+    flat: Tensor, norm: DataNormalization, dev: torch.device, data_chunk: int, y_buf: Tensor
+) -> float:
+    """``mean_i ||y_i||^2 / d`` of the normalized data (1 up to rounding when ``norm`` is the data's own)."""
+    n, d = flat.shape
+    total = 0.0
+    for d0 in range(0, n, data_chunk):
+        _, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev, y_buf)
+        total += float(ysq.double().sum())
+    return total / (n * d)
 
 
 def separation_sums_from_data(
