@@ -202,7 +202,7 @@ class FlowMatching(L.LightningModule):
     def loss_at(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
         """Loss for given noise ``x0``, data ``x1`` and times ``t``: mean squared error in velocity units, or in
         the network's output space (``loss_weighting``)."""
-        sample: PathSample = self.path.sample(x0, x1, t)
+        sample: PathSample = self.path.sample(x0, x1, t, validate=False)  # t comes from sample_time or a caller
         out = self._net_output(sample.x_t, t, sample.coefficients)
         if self.loss_weighting == "velocity":
             v = self._output_to_velocity(out, sample.x_t, sample.coefficients)

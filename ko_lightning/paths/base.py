@@ -176,7 +176,7 @@ class GaussianPath(nn.Module):
         return 0.5 * (lo + hi)
 
     # ------------------------------------------------------------------ sampling the path
-    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor, validate: bool = True) -> PathSample:
         """Draw ``x_t`` and its conditional velocity target.
 
         ``x_t = alpha_t x1 + sigma_t x0`` and ``u_t = alpha'_t x1 + sigma'_t x0``, with ``t`` of shape ``(B,)``
@@ -186,10 +186,12 @@ class GaussianPath(nn.Module):
             x0: noise, shape ``(B, ...)``.
             x1: data, same shape as ``x0``.
             t: times in ``[0, 1]``, shape ``(B,)``.
+            validate: check that ``t`` lies in ``[0, 1]`` (a device sync); trainers that draw ``t`` themselves
+                skip it.
         """
         if x0.shape != x1.shape:
             raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-        c = self.at(t, x1)
+        c = self.at(t, x1, validate)
         x0, x1 = x0.float(), x1.float()
         return PathSample(
             x_t=c.alpha * x1 + c.sigma * x0,
@@ -198,10 +200,13 @@ class GaussianPath(nn.Module):
             coefficients=c,
         )
 
-    def at(self, t: Tensor, like: Tensor) -> PathCoefficients:
+    def at(self, t: Tensor, like: Tensor, validate: bool = True) -> PathCoefficients:
         """Coefficients at per-sample times ``t`` (shape ``(B,)``), shaped to broadcast against ``like``."""
         tb = broadcast_time(t, like)
-        return self(tb)
+        if validate:
+            return self(tb)
+        with torch.autocast(device_type=tb.device.type, enabled=False):
+            return self.coefficients(tb.float())
 
     # ------------------------------------------------------------------ parametrization conversions
     def velocity_from_x1(self, x_t: Tensor, x1_hat: Tensor, t: Tensor) -> Tensor:
