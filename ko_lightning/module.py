@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -342,11 +344,17 @@ class FlowMatching(L.LightningModule):
                 raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
             x0 = torch.randn((num_samples, *self.data_shape), generator=generator,
                              device=generator.device if generator is not None else "cpu").to(self.device)
+        with self.eval_mode():
+            return integrate(self.velocity, x0.to(self.device).float(), solver, t_end=1.0 - self.t_eps,
+                             time_points=time_points)
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run the network in eval mode (dropout off), restoring the previous mode afterwards."""
         was_training = self.training
         self.eval()
         try:
-            return integrate(self.velocity, x0.to(self.device).float(), solver, t_end=1.0 - self.t_eps,
-                             time_points=time_points)
+            yield
         finally:
             self.train(was_training)
 
@@ -376,13 +384,9 @@ class FlowMatching(L.LightningModule):
         Hutchinson with one fixed probe per solve). Gradients flow to ``x`` when it requires grad. Runs in eval
         mode.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
             return log_prob(self.velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
                             divergence=divergence, generator=generator, t_start=1.0 - self.t_eps, progress=progress)
-        finally:
-            self.train(was_training)
 
     def bpd(
         self,
@@ -403,11 +407,7 @@ class FlowMatching(L.LightningModule):
         ``bpd = -(log p(y) + D log((hi - lo) / num_bins)) / (D ln 2)``, an upper bound on ``-log2 P(x) / D``
         (see :func:`ko_lightning.likelihood.bits_per_dim`). Runs in eval mode.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with self.eval_mode():
             return bits_per_dim(self.velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
                                 divergence=divergence, generator=generator, t_start=1.0 - self.t_eps,
                                 progress=progress, num_bins=num_bins, data_range=data_range)
-        finally:
-            self.train(was_training)

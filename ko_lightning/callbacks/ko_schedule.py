@@ -317,16 +317,12 @@ class KOScheduleCallback(L.Callback):
         if estimator in ("model", "data+model"):
             pick = torch.randperm(self._data.shape[0], generator=gen)[:share]
             x1 = self._data[pick].to(pl_module.device)
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
+            with pl_module.eval_mode():
                 model_sums = separation_sums_from_model(
                     pl_module.predict_x1, pl_module.path, x1, self.theta, normalization=self.normalization,
                     generator=torch.Generator(device=x1.device).manual_seed(int(gen.initial_seed()) + 1),
                     batch_size=self.batch_size,
                 )
-            finally:
-                pl_module.train(was_training)
             model_sums = SeparationSums(model_sums.theta, model_sums.sq_error, model_sums.count,
                                         model_sums.sq_error_sq)
             total = model_sums if total is None else _pool(total, model_sums)
