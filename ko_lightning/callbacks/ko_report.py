@@ -33,7 +33,7 @@ def print_refresh_table(report: RefreshReport) -> None:
     rows = [
         ("Phi", report.phi), ("KE_min", report.ke_min), ("KE new path", report.ke_new),
         ("KE previous path", report.ke_old), ("KE Cond-OT", report.ke_cond_ot), ("gamma floor", report.gamma_floor),
-        ("max |d alpha|", report.max_delta_alpha), ("max |d sigma|", report.max_delta_sigma),
+        ("max |alpha new - old|", report.max_delta_alpha), ("max |sigma new - old|", report.max_delta_sigma),
     ]
     for name, value in rows:
         if not math.isnan(value):
