@@ -137,8 +137,8 @@ class FlowMatching(L.LightningModule):
     def path(self) -> GaussianPath:
         """The current Gaussian path (on this module's device)."""
         path: GaussianPath = self.__dict__["_path"]
-        buffers = list(path.buffers())
-        if buffers and buffers[0].device != self.device:
+        buffer = next(path.buffers(), None)
+        if buffer is not None and buffer.device != self.device:
             path.to(self.device)
         return path
 
@@ -150,8 +150,17 @@ class FlowMatching(L.LightningModule):
 
     # ------------------------------------------------------------------ the objective
     def velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        """Model velocity ``v_theta(x, t)`` in fp32, whatever the parametrization."""
-        c = self.path.at(t, x)
+        """Model velocity ``v_theta(x, t)`` in fp32, whatever the parametrization (``t`` is checked to lie in
+        ``[0, 1]``)."""
+        return self._velocity(x, t, validate=True)
+
+    def _solver_velocity(self, x: Tensor, t: Tensor) -> Tensor:
+        """:meth:`velocity` for the ODE right-hand side: the integrators keep ``t`` inside ``[0, 1]``, so the range
+        check (a device sync per evaluation on a GPU) is skipped."""
+        return self._velocity(x, t, validate=False)
+
+    def _velocity(self, x: Tensor, t: Tensor, validate: bool) -> Tensor:
+        c = self.path.at(t, x, validate)
         return self._output_to_velocity(self._net_output(x, t, c), x, c)
 
     def predict_x1(self, x: Tensor, t: Tensor) -> Tensor:
@@ -345,7 +354,7 @@ class FlowMatching(L.LightningModule):
             x0 = torch.randn((num_samples, *self.data_shape), generator=generator,
                              device=generator.device if generator is not None else "cpu").to(self.device)
         with self.eval_mode():
-            return integrate(self.velocity, x0.to(self.device).float(), solver, t_end=1.0 - self.t_eps,
+            return integrate(self._solver_velocity, x0.to(self.device).float(), solver, t_end=1.0 - self.t_eps,
                              time_points=time_points)
 
     @contextmanager
@@ -385,7 +394,7 @@ class FlowMatching(L.LightningModule):
         mode.
         """
         with self.eval_mode():
-            return log_prob(self.velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
+            return log_prob(self._solver_velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
                             divergence=divergence, generator=generator, t_start=1.0 - self.t_eps, progress=progress)
 
     def bpd(
@@ -408,6 +417,6 @@ class FlowMatching(L.LightningModule):
         (see :func:`ko_lightning.likelihood.bits_per_dim`). Runs in eval mode.
         """
         with self.eval_mode():
-            return bits_per_dim(self.velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
+            return bits_per_dim(self._solver_velocity, x.to(self.device), self._solver(method, steps, atol, rtol),
                                 divergence=divergence, generator=generator, t_start=1.0 - self.t_eps,
                                 progress=progress, num_bins=num_bins, data_range=data_range)
