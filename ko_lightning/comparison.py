@@ -1,6 +1,6 @@
 """Path comparison: train one network on several Gaussian paths with the same budget and seed, then evaluate.
 
-This is the logic behind ``recipes/compare_paths.py`` (a table in the spirit of the paper's Table 1, ko-math §6).
+This is the logic behind ``recipes/compare_paths.py`` (a table in the spirit of the paper's Table 1, docs/math.md §6).
 For every path (Cond-OT, KO, cosine, VP) the same network is built from the same seed (identical initial weights),
 trained for the same number of steps on the same data with the same noise and times per step
 (``FlowMatching(train_seed=seed)``: common random numbers, so the rows differ only by the path), and evaluated on
@@ -58,6 +58,7 @@ from ko_lightning.module import FlowMatching
 from ko_lightning.nets import TimeMLP, UNet
 from ko_lightning.paths import CondOTPath, CosinePath, GaussianPath, VPPath
 from ko_lightning.sampling import SolverSpec, integrate
+from ko_lightning.seeding import derive_seed
 
 __all__ = [
     "DEFAULT_T_EPS",
@@ -589,7 +590,7 @@ class _DequantizedDigits(DigitsDataModule):
         if trainer is None or not trainer.training or not torch.is_tensor(batch):
             return batch
         _, scale = self._stats()
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + trainer.global_step) * 7919 + 17)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, trainer.global_step, 17))
         u = torch.rand(batch.shape, generator=gen).to(batch.device, batch.dtype)
         return batch + u / float(scale)
 
@@ -732,9 +733,10 @@ def _solver_spec(config: CompareConfig, solver: str) -> SolverSpec:
 
 @torch.no_grad()
 def _generate(model: FlowMatching, x0: Tensor, solver: SolverSpec, t_end: float) -> tuple[Tensor, int]:
-    """Solve noise -> data up to ``t_end`` (< 1 for a path whose velocity is singular at t = 1)."""
+    """Solve noise -> data from ``t_eps`` (where :meth:`FlowMatching.sample` starts too) up to ``t_end`` (< 1 for a
+    path whose velocity is singular at t = 1)."""
     model.eval()
-    res = integrate(model.velocity, x0.to(model.device), solver, t_start=0.0, t_end=t_end)
+    res = integrate(model.velocity, x0.to(model.device), solver, t_start=model.t_eps, t_end=t_end)
     return res.samples.float().cpu(), res.nfe
 
 

@@ -1,6 +1,6 @@
 """Log-likelihood and bits/dim of a flow by the instantaneous change of variables, through torchdiffeq.
 
-Convention (ko-math §1): t = 0 is noise ``N(0, I)``, t = 1 is data, ``dx/dt = v(x, t)``. Along a trajectory of the
+Convention (docs/math.md §1): t = 0 is noise ``N(0, I)``, t = 1 is data, ``dx/dt = v(x, t)``. Along a trajectory of the
 flow the log-density obeys ``d/dt log p_t(x_t) = -div v(x_t, t)``, so for a data point ``x1``
 
     log p_1(x1) = log N(x0; 0, I) - ∫_0^1 div v(x_t, t) dt,
@@ -36,9 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
-from ko_lightning.sampling import _TORCHDIFFEQ_NAME, SolverSpec
+from ko_lightning.sampling import SolverSpec, _odeint_guarded, _raise_if_non_finite
 
 __all__ = [
     "EXACT_DIVERGENCE_MAX_DIM",
@@ -331,6 +330,7 @@ def _solve_augmented(
     generator: torch.Generator | None,
     create_graph: bool | None,
     progress: bool,
+    context: str | None = None,
 ) -> tuple[Tensor, Tensor, int, str, Tensor | None]:
     """Integrate ``(x, l)`` with ``dl/dt = -div v`` from ``t_start`` to ``t_end``.
 
@@ -383,26 +383,15 @@ def _solve_augmented(
             return f, -div
 
         state0 = (x, torch.zeros(batch, num_terms, dtype=x.dtype, device=x.device))
-        time_dtype = x.dtype
-        times = torch.tensor([t_start, t_end], dtype=time_dtype, device=x.device)
-        method = _TORCHDIFFEQ_NAME.get(solver.method, solver.method)
+        times = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
         # Likelihoods are computed in full precision whatever autocast is active around the call.
         grad_mode = torch.enable_grad() if create_graph else torch.no_grad()
         with grad_mode, torch.autocast(device_type=x.device.type, enabled=False):
-            if solver.adaptive:
-                atol = 1e-5 if solver.atol is None else solver.atol
-                rtol = 1e-5 if solver.rtol is None else solver.rtol
-                # step_t = [t_end]: never step past the end (torchdiffeq otherwise overshoots and interpolates
-                # back, evaluating the velocity outside [0, 1]).
-                options = {"step_t": torch.tensor([t_end], dtype=time_dtype)}
-                xs, ls = odeint(rhs, state0, times, method=method, atol=atol, rtol=rtol, options=options)
-            else:
-                steps = int(solver.steps)  # type: ignore[arg-type]
-
-                def uniform_grid(func: object, y0: Tensor, t: Tensor) -> Tensor:
-                    return torch.linspace(float(t[0]), float(t[-1]), steps + 1, device=t.device, dtype=t.dtype)
-
-                xs, ls = odeint(rhs, state0, times, method=method, options={"grid_constructor": uniform_grid})
+            # Step budget, readable failures and sparse finiteness checks: see ko_lightning.sampling.
+            (xs, ls), guard = _odeint_guarded(rhs, state0, times, solver, context)
+        nfe = guard.nfe
+        # One sync: a NaN latent or log-determinant is an error naming where it started, never a result.
+        _raise_if_non_finite((xs[-1], ls[-1]), guard, solver, (t_start, t_end), context, "the log-likelihood")
         update(1.0, nfe=nfe)
     return xs[-1], ls[-1], nfe, estimator, probes
 
@@ -433,6 +422,7 @@ def _checked_solve(
     t_start: float,
     t_end: float,
     progress: bool,
+    context: str | None = None,
 ) -> tuple[Tensor, Tensor, int, str, Tensor | None]:
     """The argument handling shared by :func:`log_prob` and :func:`sample_with_log_prob`, then the solve.
 
@@ -441,10 +431,15 @@ def _checked_solve(
     ``(x_end, change, nfe, estimator, probes)``.
     """
     _check_data(x, name)
+    if not x.is_floating_point():
+        hint = ("; for integer images (e.g. uint8 pixels) use bits_per_dim, which dequantizes them"
+                if data_end == "start" else "")
+        raise TypeError(f"{name} must be a floating point tensor in the model's data space, got dtype {x.dtype}{hint}")
     t_start, t_end = _check_times(t_start, t_end, data_end)
     solver = _default_solver() if solver is None else solver
     return _solve_augmented(
-        velocity, x, t_start, t_end, solver, divergence, probe, num_probes, generator, create_graph, progress
+        velocity, x, t_start, t_end, solver, divergence, probe, num_probes, generator, create_graph, progress,
+        context,
     )
 
 
@@ -487,6 +482,7 @@ def log_prob(
     t_start: float = 1.0,
     t_end: float = 0.0,
     progress: bool = False,
+    context: str | None = None,
 ) -> LogProbResult:
     """Log-density of data points under the flow ``dx/dt = v(x, t)`` with an ``N(0, I)`` prior at ``t_end``.
 
@@ -517,6 +513,8 @@ def log_prob(
         t_start: time of the data (start of the backward solve), in ``(t_end, 1]``.
         t_end: time of the ``N(0, I)`` prior, in ``[0, t_start)``.
         progress: show a progress bar over the integration time (rich).
+        context: a description of the model, put at the front of error messages (e.g. its parametrization and
+            path).
 
     Returns:
         ``LogProbResult`` with ``log_prob`` of shape ``(B,)`` in nats, the latent ``x_noise``, ``nfe`` and, for
@@ -524,6 +522,10 @@ def log_prob(
 
     Raises:
         ValueError: naming the argument, for a bad ``divergence``, ``probe``, ``num_probes``, time or shape.
+        TypeError: for integer ``x`` (8-bit images go through :func:`bits_per_dim`).
+        ko_lightning.sampling.SolverError: when the latent or the log-density comes out NaN or inf (naming the
+            time where non-finite values were first seen), or an adaptive solve exhausts ``solver.max_num_steps``
+            or its step size underflows.
 
     Example:
         >>> res = log_prob(lambda x, t: torch.zeros_like(x) + 0 * x, torch.zeros(2, 3))
@@ -532,7 +534,7 @@ def log_prob(
     """
     x_noise, change, nfe, estimator, probes = _checked_solve(
         velocity, x, "x", "start", solver, divergence, probe, num_probes, generator, create_graph, t_start, t_end,
-        progress,
+        progress, context,
     )
     return _finish(x, x_noise, change, nfe, estimator, probes, data_first=True)
 
@@ -549,6 +551,7 @@ def sample_with_log_prob(
     t_start: float = 0.0,
     t_end: float = 1.0,
     progress: bool = False,
+    context: str | None = None,
 ) -> LogProbResult:
     """Push noise forward to data and track the density of the samples with the same augmented ODE.
 
@@ -567,7 +570,7 @@ def sample_with_log_prob(
     """
     x_data, change, nfe, estimator, probes = _checked_solve(
         velocity, x0, "x0", "end", solver, divergence, probe, num_probes, generator, create_graph, t_start, t_end,
-        progress,
+        progress, context,
     )
     x_noise = x0.to(x_data.dtype)
     return _finish(x_data, x_noise, change, nfe, estimator, probes, data_first=False)
@@ -697,6 +700,7 @@ def bits_per_dim(
     dequantize: DequantizeMethod = "uniform",
     num_bins: int = 256,
     data_range: tuple[float, float] = (-1.0, 1.0),
+    context: str | None = None,
 ) -> BitsPerDimResult:
     """Bits per dimension of integer data (8-bit images) under a flow, with dequantization.
 
@@ -710,7 +714,7 @@ def bits_per_dim(
     ``dequantize="center"`` uses ``w = 1/2`` instead (deterministic, not a bound).
 
     Args:
-        velocity, solver, divergence, probe, num_probes, create_graph, t_start, t_end, progress: as in
+        velocity, solver, divergence, probe, num_probes, create_graph, t_start, t_end, progress, context: as in
             :func:`log_prob`.
         x: integer data: a uint8 tensor, or an integer-valued tensor in ``[0, num_bins - 1]``, shape ``(B, ...)``.
         generator: random generator for the dequantization noise (drawn first) and then the probes.
@@ -734,7 +738,7 @@ def bits_per_dim(
     num_dims = y[0].numel()
     result = log_prob(
         velocity, y, solver=solver, divergence=divergence, probe=probe, num_probes=num_probes, generator=generator,
-        create_graph=create_graph, t_start=t_start, t_end=t_end, progress=progress,
+        create_graph=create_graph, t_start=t_start, t_end=t_end, progress=progress, context=context,
     )
     log_det = _dequantization_log_det(num_dims, num_bins, data_range)
     scale = 1.0 / (num_dims * math.log(2.0))

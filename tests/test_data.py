@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
+from kinetic_helpers import U32
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from ko_lightning.data import (
@@ -32,6 +33,19 @@ def _rows(x: Tensor) -> set[tuple[float, ...]]:
     return {tuple(r) for r in x.reshape(x.shape[0], -1).tolist()}
 
 
+def _normalization_err(y: Tensor, mean: Tensor, scale: Tensor) -> Tensor:
+    """Bound on the fp32 rounding of ``y = (x - mean) / scale`` against exact float64 statistics: the mean and
+    scale rounded to fp32 (u |mean| and u |y|), the subtraction and the division: ``u (|mean| / scale + 3 |y|)``."""
+    return U32 * (mean.double().abs() / scale.double() + 3 * y.double().abs())
+
+
+def _round_trip_err(x: Tensor, mean: Tensor) -> Tensor:
+    """Bound on ``|denormalize(normalize(x)) - x|`` in fp32: ``(x - m) / s`` then ``* s + m`` with the same fp32 s
+    and m (the scale cancels exactly): two roundings of ``x - m`` in size, then of the result: ``u (3|x - m| + |x|)``."""
+    x = x.double()
+    return U32 * (3 * (x - mean.double()).abs() + x.abs())
+
+
 # ------------------------------------------------------------------------------------------------ samplers
 def test_checkerboard_samples_lie_on_black_squares() -> None:
     x = sample_checkerboard(20_000, _gen(0))
@@ -42,23 +56,29 @@ def test_checkerboard_samples_lie_on_black_squares() -> None:
     cells = torch.floor(x) + 2
     counts = torch.bincount((cells[:, 0] * 4 + cells[:, 1]).long(), minlength=16)
     assert (counts > 0).sum() == 8
-    assert counts.max() < 1.1 * counts[counts > 0].min()
+    # each count is Binomial(20000, 1/8): within 4 standard deviations of its mean, max / min stays below
+    mean, sd = 20_000 / 8, math.sqrt(20_000 * (1 / 8) * (7 / 8))
+    assert counts.max() < (mean + 4 * sd) / (mean - 4 * sd) * counts[counts > 0].min()
     # white squares are rejected by the rule
     assert not bool(on_checkerboard(torch.tensor([[0.5, -0.5], [-0.5, 0.5], [1.5, -1.5], [2.5, 0.5]])).any())
 
 
 def test_samplers_are_seeded_and_have_the_right_geometry() -> None:
     for sampler in (sample_checkerboard, sample_eight_gaussians, sample_moons):
-        torch.testing.assert_close(sampler(100, _gen(3)), sampler(100, _gen(3)))
+        torch.testing.assert_close(sampler(100, _gen(3)), sampler(100, _gen(3)), atol=0, rtol=0)  # same seed
         assert not torch.equal(sampler(100, _gen(3)), sampler(100, _gen(4)))
     g = sample_eight_gaussians(4000, _gen(0), radius=2.0, std=0.05)
-    assert (g.norm(dim=1) - 2.0).abs().max() < 0.3
+    # 6 standard deviations: P(any of 4000 radii beyond) ~ 4000 x 2e-9
+    assert (g.norm(dim=1) - 2.0).abs().max() < 6 * 0.05
     angles = torch.round(torch.atan2(g[:, 1], g[:, 0]) / (math.pi / 4)) % 8
     assert len(torch.unique(angles)) == 8
     m = sample_moons(4000, _gen(0), noise=0.0)
-    upper = (m[:, 0].pow(2) + m[:, 1].pow(2) - 1).abs() < 1e-5
-    lower = ((m[:, 0] - 1).pow(2) + (m[:, 1] - 0.5).pow(2) - 1).abs() < 1e-5
-    assert bool((upper | lower).all()) and 0.4 < upper.float().mean() < 0.6
+    # fp32: each coordinate within 8u of the circle (cos / sin 4u, a shift by 1 or 1/2 and back 4u); squared and
+    # summed (|coordinate| <= 1): <= 40u
+    upper = (m[:, 0].pow(2) + m[:, 1].pow(2) - 1).abs() < 40 * U32
+    lower = ((m[:, 0] - 1).pow(2) + (m[:, 1] - 0.5).pow(2) - 1).abs() < 40 * U32
+    # each moon with probability 1/2: the upper fraction is within 4 binomial standard deviations of 1/2
+    assert bool((upper | lower).all()) and abs(float(upper.float().mean()) - 0.5) < 4 * math.sqrt(0.25 / 4000)
 
 
 # ------------------------------------------------------------------------------------------------- toy 2D
@@ -75,14 +95,21 @@ def test_toy2d_normalization(name: str) -> None:
     dm = _toy(name=name)
     x = dm.train_tensor()
     assert x.shape == (8000, 2) and dm.data_shape == (2,)
-    assert x.mean(dim=0).abs().max() < 1e-5
-    assert abs(x.pow(2).mean().item() - 1.0) < 1e-5
+    # Exactly 0 and 1 for exact statistics; the fp32 normalization moves each value by <= err (measured in
+    # float64, so that only the normalization's rounding counts).
+    err = _normalization_err(x, dm.mean, dm.scale)
+    assert bool((x.double().mean(dim=0).abs() <= err.mean(dim=0)).all())
+    assert abs(x.double().pow(2).mean().item() - 1.0) <= float((2 * x.double().abs() * err + err**2).mean())
     assert dm.scale.ndim == 0  # one global scale: the geometry is kept
     for split in (dm.val_tensor(), dm.test_tensor()):  # normalized with the train statistics
-        assert split.mean(dim=0).abs().max() < 0.1
-        assert abs(split.pow(2).mean().item() - 1.0) < 0.1
+        # Monte Carlo: 4 standard errors of the difference of the split's and the train set's means
+        se = math.sqrt(1 / split.shape[0] + 1 / x.shape[0])
+        assert bool((split.double().mean(dim=0).abs() <= 4 * se * split.double().std(dim=0)).all())
+        sq = split.double().pow(2).mean(dim=1)  # per-sample ||x||^2 / d, mean 1 on the train set
+        assert abs(sq.mean().item() - 1.0) <= 4 * se * sq.std().item()
     raw = torch.randn(50, 2) * 3
-    torch.testing.assert_close(dm.denormalize(dm.normalize(raw)), raw)
+    back = dm.denormalize(dm.normalize(raw))
+    assert bool(((back.double() - raw.double()).abs() <= _round_trip_err(raw, dm.mean)).all())
 
 
 def test_toy2d_checkerboard_rule_holds_after_denormalization() -> None:
@@ -93,8 +120,9 @@ def test_toy2d_checkerboard_rule_holds_after_denormalization() -> None:
 
 def test_toy2d_splits_seeded_and_distinct() -> None:
     a, b, c = _toy(seed=0), _toy(seed=0), _toy(seed=1)
-    torch.testing.assert_close(a.train_tensor(), b.train_tensor())
-    torch.testing.assert_close(a.val_tensor(), b.val_tensor())
+    # same seed, same operations on the same machine: equal (atol = rtol = 0)
+    torch.testing.assert_close(a.train_tensor(), b.train_tensor(), atol=0, rtol=0)
+    torch.testing.assert_close(a.val_tensor(), b.val_tensor(), atol=0, rtol=0)
     assert not torch.equal(a.train_tensor(), c.train_tensor())
     assert not torch.equal(a.train_tensor()[:1000], a.val_tensor())
     assert not torch.equal(a.val_tensor(), a.test_tensor())
@@ -114,15 +142,16 @@ def test_toy2d_train_loader_shuffles_whole_epochs() -> None:
     assert _rows(rows1) <= _rows(dm.train_tensor())
     epoch2 = torch.cat(list(loader))
     assert not torch.equal(rows1, epoch2)  # reshuffled
-    torch.testing.assert_close(torch.cat(list(_toy(n_train=5500).train_dataloader())), rows1)  # reproducible
+    # reproducible: the same rows in the same order
+    torch.testing.assert_close(torch.cat(list(_toy(n_train=5500).train_dataloader())), rows1, atol=0, rtol=0)
 
 
 def test_toy2d_eval_loaders_are_the_fixed_sets_in_order() -> None:
     dm = _toy(n_val=2500, batch_size=1000)
     batches = list(dm.val_dataloader())
     assert [b.shape[0] for b in batches] == [1000, 1000, 500]
-    torch.testing.assert_close(torch.cat(batches), dm.val_tensor())
-    torch.testing.assert_close(torch.cat(list(dm.test_dataloader())), dm.test_tensor())
+    torch.testing.assert_close(torch.cat(batches), dm.val_tensor(), atol=0, rtol=0)  # the same rows
+    torch.testing.assert_close(torch.cat(list(dm.test_dataloader())), dm.test_tensor(), atol=0, rtol=0)
 
 
 def test_index_batch_sampler_shards_under_lightning_distributed_wrapper() -> None:
@@ -155,13 +184,20 @@ def test_digits_normalization_and_round_trip() -> None:
     dm.setup("fit")
     x = dm.train_tensor()
     assert dm.data_shape == (1, 8, 8) and x.shape[1:] == (1, 8, 8)
-    assert x.mean(dim=0).abs().max() < 1e-5  # per-pixel mean removed
-    assert abs(x.pow(2).mean().item() - 1.0) < 1e-5  # mean ||x||^2 / d = 1
+    # exactly 0 and 1 for exact statistics, up to the fp32 normalization's rounding (measured in float64)
+    err = _normalization_err(x, dm.mean, dm.scale)
+    assert bool((x.double().mean(dim=0).abs() <= err.mean(dim=0)).all())  # per-pixel mean removed
+    # mean ||x||^2 / d = 1
+    assert abs(x.double().pow(2).mean().item() - 1.0) <= float((2 * x.double().abs() * err + err**2).mean())
     pixels = dm.denormalize(x)
-    assert pixels.min() >= -1e-4 and pixels.max() <= 16 + 1e-4
-    torch.testing.assert_close(pixels, pixels.round(), atol=1e-4, rtol=0)  # integer pixel values come back
+    # integer pixel values in [0, 16] come back, up to the fp32 round trip (u (3 |x - m| + |x|) <= 64u, as the
+    # pixels x and the means m lie in [0, 16])
+    back_err = 64 * U32
+    assert pixels.min() >= -back_err and pixels.max() <= 16 + back_err
+    torch.testing.assert_close(pixels, pixels.round(), atol=back_err, rtol=0)
     raw = torch.randint(0, 17, (5, 1, 8, 8)).float()
-    torch.testing.assert_close(dm.denormalize(dm.normalize(raw)), raw, atol=1e-5, rtol=0)
+    back = dm.denormalize(dm.normalize(raw))
+    assert bool(((back.double() - raw.double()).abs() <= _round_trip_err(raw, dm.mean)).all())
     display = dm.to_display(torch.randn(3, 1, 8, 8) * 3)
     assert display.shape == (3, 1, 8, 8) and display.min() >= 0 and display.max() <= 1
     batch = next(iter(dm.train_dataloader()))
@@ -180,7 +216,7 @@ def test_digits_splits_disjoint_reproducible_and_seeded() -> None:
     for k in ("train", "val", "test"):
         assert torch.equal(a.indices[k], b.indices[k])
         assert not torch.equal(a.indices[k], c.indices[k])
-    torch.testing.assert_close(a.train_tensor(), b.train_tensor())
+    torch.testing.assert_close(a.train_tensor(), b.train_tensor(), atol=0, rtol=0)  # same split and statistics
     assert a.val_tensor().shape == (180, 1, 8, 8) and len(list(a.test_dataloader())) == 1
 
 
@@ -234,9 +270,13 @@ def test_image_folder_and_npz_give_the_same_tensors(tmp_path: Path) -> None:
     assert folder.raw_tensor("train").dtype == torch.uint8 and len(folder.raw_tensor("val")) == 3
     assert torch.equal(torch.cat(list(folder.train_dataloader())), torch.cat(list(array.train_dataloader())))
     val = torch.cat(list(folder.val_dataloader()))
-    torch.testing.assert_close(val, folder.raw_tensor("val").float() / 127.5 - 1)
+    raw_val = folder.raw_tensor("val").float()
+    # u / 127.5 - 1 in fp32 (values in [-1, 1]): each side within 2u of the exact value (two roundings)
+    torch.testing.assert_close(val, raw_val / 127.5 - 1, atol=4 * U32, rtol=0)
     assert val.min() >= -1 and val.max() <= 1
-    torch.testing.assert_close(folder.denormalize(val), folder.raw_tensor("val").float())
+    # (u / 127.5 - 1 + 1) * 127.5 in fp32: four roundings, of sizes |u| / 127.5, |x|, |x + 1| and the result
+    round_trip = U32 * (2 * raw_val + 127.5 * (val.abs() + (val + 1).abs()))
+    assert bool(((folder.denormalize(val) - raw_val).abs() <= round_trip).all())
     assert torch.equal(folder.to_uint8(val), folder.raw_tensor("val"))
 
 

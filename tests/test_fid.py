@@ -6,6 +6,7 @@ Inception path is exercised with a randomly initialized weights file written her
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
@@ -259,10 +260,12 @@ def _random_inception_weights(path: Path) -> None:
 def test_inception_runs_from_a_local_weights_file(tmp_path: Path) -> None:
     weights = tmp_path / "inception.pth"
     _random_inception_weights(weights)
+    # Not the published file: it is used only because its own hash is passed (the default is the published hash).
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     gray = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))  # 1 channel: repeated to RGB
     result = compute_fid_kid(
-        gray, 1.0 - gray, feature_extractor="inception-v3-compat", weights_path=weights, feature_layer="64",
-        kid_subset_size=4, cuda=False,
+        gray, 1.0 - gray, feature_extractor="inception-v3-compat", weights_path=weights, weights_sha256=sha,
+        feature_layer="64", kid_subset_size=4, cuda=False,
     )
     assert result.feature_layer == "64" and result.feature_extractor == "inception-v3-compat"
     assert math.isfinite(result.fid) and result.fid > 1e-4 and result.kid_mean is not None

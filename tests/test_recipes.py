@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,8 +12,7 @@ import yaml
 from ko_lightning.callbacks import KOScheduleCallback
 from ko_lightning.cli import DEFAULT_CONFIG, _with_default_config, run_cli
 from ko_lightning.paths import TabulatedPath
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+from recipe_configs import IMAGE_RECIPES, RECIPES, shrink_recipe
 
 
 def test_without_config_the_embedded_demo_is_used() -> None:
@@ -42,30 +40,12 @@ def test_checkerboard_demo_trains_with_ko_and_writes_its_report(tmp_path) -> Non
     assert [(int(a), int(b)) for a, b in rows] == [(2, 2), (8, 8), (32, 32), (100, 100)]  # NFE = Euler steps
 
 
-@pytest.mark.parametrize("recipe", ["cifar10.yaml", "imagenet32.yaml", "imagenet64.yaml"])
+@pytest.mark.parametrize("recipe", IMAGE_RECIPES)
 def test_gpu_image_recipe_smoke_on_cpu(tmp_path, recipe: str) -> None:
     """The GPU recipe's own code path (U-Net, bf16-mixed, EMA, KO callback, checkpoints) at toy size on the CPU."""
-    images = np.random.default_rng(0).integers(0, 256, size=(48, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=images)
     config = yaml.safe_load((RECIPES / recipe).read_text())
     assert config["trainer"]["precision"] == "bf16-mixed" and config["trainer"]["strategy"] == "ddp"
-    trainer = config["trainer"]
-    trainer.update(accelerator="cpu", devices=1, strategy="auto", max_steps=4, val_check_interval=4,
-                   limit_val_batches=1, default_root_dir=str(tmp_path))
-    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    for cb in trainer["callbacks"]:
-        args = cb.setdefault("init_args", {})
-        if cb["class_path"].endswith("KOScheduleCallback"):
-            args.update(warmup_steps=2, every_n_steps=2, n_queries=16, n_theta=8, max_data=32, batch_size=16)
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            args.update(every_n_train_steps=2, dirpath=str(tmp_path / "ckpt"))
-        if cb["class_path"].endswith("SampleReport"):
-            args.update(num_samples=4, euler_steps=[2])
-    net = config["model"]["net"]["init_args"]
-    net.update(image_size=8, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4])
-    config["data"]["init_args"].update(path=str(tmp_path / "tiny.npz"), batch_size=8, num_workers=0)
-    small = tmp_path / "recipe.yaml"
-    small.write_text(yaml.safe_dump(config))
+    small = shrink_recipe(recipe, tmp_path)
     cli = run_cli(["fit", "--config", str(small)])
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.trainer.global_step == 4

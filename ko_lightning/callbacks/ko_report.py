@@ -6,7 +6,6 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 from torch import Tensor
 
@@ -44,20 +43,26 @@ def print_refresh_table(report: RefreshReport) -> None:
 
 
 def save_schedule_picture(
-    trainer: L.Trainer,
+    run_dir: str,
+    step: int,
     separation: SeparationFunction,
     old_schedule: tuple[Tensor, Tensor, Tensor] | None,
     new_path: GaussianPath,
     sums: SeparationSums,
     sigma_min: float,
 ) -> str:
-    """Write ``ko_schedule.png``: lambda(theta) with its estimate and bounds; alpha_t, sigma_t old/new/Cond-OT."""
+    """Write ``<run_dir>/ko_schedule.png``: lambda(theta) with its estimate and bounds; alpha_t, sigma_t old/new/Cond-OT.
+
+    Pure file output, safe to call on one rank (the caller resolves ``run_dir`` on every rank beforehand).
+
+    Returns:
+        The path of the written picture.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = trainer.log_dir or trainer.default_root_dir
     os.makedirs(run_dir, exist_ok=True)
     fig, (ax_l, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
     theta = torch.linspace(1e-3, math.pi / 2 - 1e-3, 400, dtype=torch.float64)
@@ -80,7 +85,7 @@ def save_schedule_picture(
     ax_p.plot(t, new.sigma.cpu(), color="tab:orange", label="KO sigma")
     ax_p.set_xlabel("t (0 noise, 1 data)")
     ax_p.legend(fontsize=7)
-    fig.suptitle(f"KO schedule after step {trainer.global_step}")
+    fig.suptitle(f"KO schedule after step {step}")
     fig.tight_layout()
     out = os.path.join(run_dir, "ko_schedule.png")
     fig.savefig(out, dpi=90)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ko_lightning.kinetic import (
@@ -24,9 +24,12 @@ from ko_lightning.kinetic import (
     separation_sums_from_model,
     solve_ko,
 )
+from ko_lightning.batches import batch_data
+from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.paths import CondOTPath, GaussianPath, TabulatedPath
+from ko_lightning.seeding import derive_seed
 
-__all__ = ["KOScheduleCallback", "RefreshReport"]
+__all__ = ["KOScheduleCallback", "RefreshOutcome", "RefreshReport"]
 
 Estimator = Literal["model", "data", "data+model"]
 _ESTIMATORS = ("model", "data", "data+model")
@@ -82,6 +85,32 @@ class RefreshReport:
         }
         out.update({f"ko/seconds_{k}": v for k, v in self.seconds.items()})
         return out
+
+
+@dataclass
+class RefreshOutcome:
+    """What rank 0 broadcasts after a solve: a new path, a reason to keep the previous one, or an error.
+
+    Attributes:
+        table: the new path's ``(t, alpha, sigma, alpha', sigma')`` grid (None when nothing is installed).
+        separation: the separation function the path was solved from.
+        numbers: :class:`RefreshReport` fields of the solution (``phi``, ``ke_min``, ...).
+        old_schedule: ``(t, alpha, sigma)`` of the previous path on a dense grid, for the picture.
+        reason: why the previous path is kept (an implausible estimate; training goes on).
+        error: an unexpected failure on rank 0 (every rank raises).
+    """
+
+    table: tuple[Tensor, ...] | None = None
+    separation: SeparationFunction | None = None
+    numbers: dict[str, float] = field(default_factory=dict)
+    old_schedule: tuple[Tensor, Tensor, Tensor] | None = None
+    reason: str = ""
+    error: str = ""
+
+    @property
+    def installed(self) -> bool:
+        """True when the outcome carries a new path."""
+        return self.table is not None and not self.error
 
 
 class KOScheduleCallback(L.Callback):
@@ -188,6 +217,7 @@ class KOScheduleCallback(L.Callback):
         self.last_refresh_step = -1
         self.reports: list[RefreshReport] = []
         self._data: Tensor | None = None
+        self._run_dir: str | None = None
 
     # ------------------------------------------------------------------ settings and state
     def settings(self) -> dict[str, Any]:
@@ -226,6 +256,19 @@ class KOScheduleCallback(L.Callback):
             rank_zero_info(f"KOScheduleCallback: settings differ from the checkpoint's (saved, now): {changed}")
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank runs setup: resolve the picture's directory here (trainer.log_dir is a collective).
+        if self.enabled and self.plot:
+            self._run_dir = resolve_run_dir(trainer)
+        if self.enabled and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            rank_zero_warn(
+                "KOScheduleCallback under ddp_spawn: the main process gets the trained weights back but not the KO "
+                "path (it is schedule state, not a weight). To sample on the path the model was trained on, load a "
+                "checkpoint: FlowMatching.load_from_checkpoint(trainer.checkpoint_callback.best_model_path or "
+                "last_model_path, net=...).",
+                category=UserWarning,
+            )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
@@ -252,37 +295,67 @@ class KOScheduleCallback(L.Callback):
 
     # ------------------------------------------------------------------ one refresh
     def refresh(self, trainer: L.Trainer, pl_module: L.LightningModule, estimator: str | None = None) -> RefreshReport:
-        """Estimate, all-reduce, solve (rank 0), broadcast and install; returns the report."""
+        """Estimate, all-reduce, solve (rank 0), broadcast and install; returns the report.
+
+        Every rank takes the same branches: a failure while estimating on any rank, or while solving on rank 0,
+        is made known to every rank through the collectives that follow, and every rank then raises together
+        (a rank left waiting in a collective would hang the run).
+
+        Raises:
+            RuntimeError: on every rank, when the estimate failed on some rank or the solve failed unexpectedly
+                on rank 0 (an implausible lambda is not an error: the previous path is kept, with a warning).
+        """
         estimator = estimator or self.estimator
-        report = RefreshReport(step=trainer.global_step, estimator=estimator)
+        step = trainer.global_step
+        report = RefreshReport(step=step, estimator=estimator)
         t_start = time.perf_counter()
-        sums = self.local_sums(pl_module, estimator, self.refresh_count, trainer.global_rank, trainer.world_size)
+        sums, local_error = None, None
+        try:
+            sums = self.local_sums(pl_module, estimator, self.refresh_count, trainer.global_rank, trainer.world_size)
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, then re-raised
+            local_error = err
+        failed_ranks = int(_reduce_sum(trainer, torch.tensor([float(local_error is not None)], dtype=torch.float64)))
+        if failed_ranks:
+            message = f"KOScheduleCallback: the lambda estimate of the refresh at step {step} failed on " \
+                      f"{failed_ranks} of {trainer.world_size} rank(s)"
+            if local_error is not None:
+                raise RuntimeError(f"{message}; on this rank: {type(local_error).__name__}: {local_error}") \
+                    from local_error
+            raise RuntimeError(f"{message} (see the error printed by that rank)")
+        assert sums is not None
         t_estimated = time.perf_counter()
         sums = self._all_reduce(trainer, pl_module, sums)
         t_reduced = time.perf_counter()
 
-        solution: dict[str, Any] | None = None
+        outcome, solve_error = RefreshOutcome(), None
         if trainer.is_global_zero:
-            solution = self._solve(sums, pl_module.path, report)
-        solution = trainer.strategy.broadcast(solution, src=0)
+            try:
+                outcome = self._solve(sums, pl_module.path)
+            except Exception as err:  # noqa: BLE001 - broadcast first, so that no rank waits for ever
+                solve_error = err
+                outcome = RefreshOutcome(error=f"{type(err).__name__}: {err}")
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if outcome.error:
+            raise RuntimeError(f"KOScheduleCallback: solving the KO path at step {step} failed on rank 0: "
+                               f"{outcome.error}") from solve_error
         t_solved = time.perf_counter()
 
         self.refresh_count += 1
-        self.last_refresh_step = trainer.global_step
-        if solution.get("ok"):
+        self.last_refresh_step = step
+        if outcome.installed:
             old_path = pl_module.path
-            new_path = TabulatedPath(*solution["table"])
+            new_path = TabulatedPath(*outcome.table)
             pl_module.set_path(new_path)
-            self.separation = solution["separation"]
+            self.separation = outcome.separation
             report.installed = True
-            report.__dict__.update(solution["numbers"])
+            for name, value in outcome.numbers.items():
+                setattr(report, name, value)
             if trainer.is_global_zero:
                 self._path_change(old_path, new_path, report)
         else:
-            report.reason = solution.get("reason", "unknown")
-            if trainer.is_global_zero:
-                warnings.warn(f"KOScheduleCallback: refresh at step {trainer.global_step} kept the previous path: "
-                              f"{report.reason}", RuntimeWarning, stacklevel=2)
+            report.reason = outcome.reason
+            rank_zero_warn(f"KOScheduleCallback: refresh at step {step} kept the previous path: {report.reason}",
+                           category=RuntimeWarning)
         t_installed = time.perf_counter()
         report.seconds = {
             "estimate": t_estimated - t_start, "all_reduce": t_reduced - t_estimated,
@@ -290,15 +363,27 @@ class KOScheduleCallback(L.Callback):
         }
         self.reports.append(report)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(report.metrics(), step=trainer.global_step)
-            from ko_lightning.callbacks.ko_report import print_refresh_table, save_schedule_picture
-
-            print_refresh_table(report)
-            if self.plot and report.installed and self.separation is not None:
-                save_schedule_picture(trainer, self.separation, solution.get("old_path_state"), pl_module.path,
-                                      sums, self._sigma_min(pl_module.path))
+            self._publish(trainer, pl_module, report, outcome, sums)
         return report
+
+    def _publish(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, report: RefreshReport, outcome: RefreshOutcome,
+        sums: SeparationSums,
+    ) -> None:
+        """Rank 0: log the numbers, print the table, draw the picture (no collectives in here)."""
+        from ko_lightning.callbacks.ko_report import print_refresh_table, save_schedule_picture
+
+        for logger in trainer.loggers:
+            logger.log_metrics(report.metrics(), step=report.step)
+        print_refresh_table(report)
+        if not (self.plot and report.installed and self.separation is not None and self._run_dir is not None):
+            return
+        try:
+            save_schedule_picture(self._run_dir, report.step, self.separation, outcome.old_schedule,
+                                  pl_module.path, sums, self._sigma_min(pl_module.path))
+        except Exception as err:  # noqa: BLE001 - a picture is not worth stopping a run for
+            rank_zero_warn(f"KOScheduleCallback: could not write ko_schedule.png into {self._run_dir}: "
+                           f"{type(err).__name__}: {err}", category=RuntimeWarning)
 
     def local_sums(
         self, pl_module: L.LightningModule, estimator: str, refresh_index: int, rank: int, world_size: int
@@ -307,7 +392,7 @@ class KOScheduleCallback(L.Callback):
         if self._data is None or self.normalization is None:
             raise RuntimeError("KOScheduleCallback has no training data yet (on_train_start has not run)")
         share = -(-self.n_queries // world_size)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + refresh_index) * 4099 + rank)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, refresh_index, rank))
         total: SeparationSums | None = None
         if estimator in ("data", "data+model"):
             total = separation_sums_from_data(
@@ -331,33 +416,51 @@ class KOScheduleCallback(L.Callback):
 
     # ------------------------------------------------------------------ helpers
     def _training_data(self, trainer: L.Trainer) -> Tensor:
+        """At most ``max_data`` training samples, float32 on the CPU (the datamodule's ``train_tensor`` if it has
+        one, else the first batches of the training loader: tensors, ``(x, ...)`` tuples or ``{"x": ...}`` dicts)."""
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "train_tensor"):
-            data = datamodule.train_tensor()
+            data = datamodule.train_tensor(self.max_data)
         else:
             chunks, count = [], 0
-            for batch in trainer.train_dataloader:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            for index, batch in enumerate(trainer.train_dataloader):
+                x = batch_data(batch, f"KOScheduleCallback: training batch {index}")
                 chunks.append(x.detach().cpu())
                 count += x.shape[0]
                 if count >= self.max_data:
                     break
+            if not chunks:
+                raise ValueError("KOScheduleCallback: the training dataloader yielded no batch")
             data = torch.cat(chunks)
         data = data[: self.max_data].float().cpu()
         if data.shape[0] < 2:
-            raise ValueError("KOScheduleCallback needs at least 2 training samples")
+            raise ValueError(f"KOScheduleCallback needs at least 2 training samples, got {data.shape[0]}")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError("KOScheduleCallback: the training data contain non-finite values (NaN or Inf)")
         return data
 
     @staticmethod
     def _global_normalization(trainer: L.Trainer, data: Tensor) -> DataNormalization:
-        """Mean and second moment over all ranks' data (sums all-reduced before dividing)."""
+        """Mean and second moment over all ranks' data (sums all-reduced before dividing).
+
+        Raises:
+            ValueError: on every rank alike (the check follows the all-reduce), when the data are constant: the
+                separation function of a single point is undefined (there is nothing to normalize by).
+        """
         x = data.double().reshape(data.shape[0], -1)
         stats = torch.cat([x.sum(0), (x * x).sum(0), torch.tensor([float(x.shape[0])], dtype=torch.float64)])
         stats = _reduce_sum(trainer, stats)
         d = x.shape[1]
         n = stats[-1]
         mean = stats[:d] / n
+        second = float((stats[d:2 * d] / n).sum() / d)
         v = float(((stats[d:2 * d] / n) - mean**2).sum() / d)
+        # E x^2 - (E x)^2 cancels to rounding level (~1e-16 E x^2 in float64) for constant data.
+        if not v > 1e-12 * max(second, 1e-300):
+            raise ValueError(
+                f"KOScheduleCallback: the training data are constant (per-dimension variance {v:.3g} over "
+                f"{int(n)} samples); the Kinetic-Optimal path needs data that vary (disable the callback)"
+            )
         return DataNormalization(mean.reshape(data.shape[1:]), v, int(n))
 
     def _all_reduce(self, trainer: L.Trainer, pl_module: L.LightningModule, sums: SeparationSums) -> SeparationSums:
@@ -371,15 +474,15 @@ class KOScheduleCallback(L.Callback):
     def _sigma_min(self, path: GaussianPath) -> float:
         return float(path.sigma_min) if self.sigma_min is None else self.sigma_min
 
-    def _solve(self, sums: SeparationSums, old_path: GaussianPath, report: RefreshReport) -> dict[str, Any]:
-        """Rank 0: turn sums into lambda, solve, and package what every rank needs (or why not)."""
+    def _solve(self, sums: SeparationSums, old_path: GaussianPath) -> RefreshOutcome:
+        """Rank 0: turn sums into lambda and solve; an implausible estimate gives an outcome with a ``reason``."""
         raw = sums.lam
         if not bool(torch.isfinite(raw).all()):
-            return {"ok": False, "reason": f"lambda estimate has {int((~torch.isfinite(raw)).sum())} non-finite values"}
+            return RefreshOutcome(reason=f"lambda estimate has {int((~torch.isfinite(raw)).sum())} non-finite values")
         # Monte-Carlo noise may leave [0, 1] by a few standard errors; more than that means a broken estimate.
         slack = 6.0 * sums.standard_error + 1e-6
         if bool(((raw < -slack) | (raw > 1 + slack)).any()):
-            return {"ok": False, "reason": "lambda estimate leaves [0, 1] beyond its Monte-Carlo error"}
+            return RefreshOutcome(reason="lambda estimate leaves [0, 1] beyond its Monte-Carlo error")
         try:
             separation = sums.to_function(self.smoothing)
             if self.merge_previous and self.separation is not None:
@@ -387,19 +490,19 @@ class KOScheduleCallback(L.Callback):
             v = self.normalization.second_moment if self.normalization is not None else 1.0
             solution = solve_ko(separation, sigma_min=self._sigma_min(old_path), gamma_floor=self.gamma_floor,
                                 second_moment=v, n_grid=self.n_grid)
-            numbers = {
-                "phi": solution.phi, "ke_min": solution.ke_min, "ke_new": solution.ke,
-                "gamma_floor": solution.gamma_floor,
-                "ke_old": kinetic_energy(old_path, separation, second_moment=v, t_max=1.0 - 1e-5),
-                "ke_cond_ot": kinetic_energy(CondOTPath(self._sigma_min(old_path)), separation, second_moment=v),
-            }
         except (ValueError, RuntimeError) as err:
-            return {"ok": False, "reason": f"{type(err).__name__}: {err}"}
+            return RefreshOutcome(reason=f"{type(err).__name__}: {err}")
+        numbers = {
+            "phi": solution.phi, "ke_min": solution.ke_min, "ke_new": solution.ke,
+            "gamma_floor": solution.gamma_floor,
+            "ke_old": kinetic_energy(old_path, separation, second_moment=v, t_max=1.0 - 1e-5),
+            "ke_cond_ot": kinetic_energy(CondOTPath(self._sigma_min(old_path)), separation, second_moment=v),
+        }
         p = solution.path
         table = (p.t_grid.clone(), p.alpha_grid.clone(), p.sigma_grid.clone(), p.d_alpha_grid.clone(),
                  p.d_sigma_grid.clone())
-        return {"ok": True, "table": table, "separation": separation, "numbers": numbers,
-                "old_path_state": _dense_schedule(old_path)}
+        return RefreshOutcome(table=table, separation=separation, numbers=numbers,
+                              old_schedule=_dense_schedule(old_path))
 
     @staticmethod
     def _path_change(old: GaussianPath, new: GaussianPath, report: RefreshReport) -> None:

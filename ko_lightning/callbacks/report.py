@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from ko_lightning.batches import batch_data
+from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
 
 __all__ = ["SampleReport"]
@@ -27,8 +29,8 @@ def _reference_samples(trainer: L.Trainer, n: int) -> Tensor | None:
     except Exception:  # noqa: BLE001 - a datamodule without a test split falls back to validation
         loader = datamodule.val_dataloader()
     chunks, count = [], 0
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    for index, batch in enumerate(loader):
+        x = batch_data(batch, f"SampleReport: reference batch {index}")
         chunks.append(x)
         count += x.shape[0]
         if count >= n:
@@ -41,8 +43,9 @@ class SampleReport(L.Callback):
 
     Writes ``samples.png`` (samples per step count beside reference data) and ``metrics.md`` (per step count:
     NFE, sliced Wasserstein-2 and MMD^2 (Gaussian kernels of widths 0.05, 0.1, 0.2, 0.5 in normalized units)
-    against held-out data for 2D data, sampling time) into the run directory
-    (``trainer.log_dir``), and prints the table on rank 0.
+    against held-out data for 2D data, sampling time) into the run directory (the first logger's directory,
+    ``trainer.log_dir``), and prints the table on rank 0. Without a logger it only prints the table. Sampling runs
+    on rank 0 alone; the directory is resolved in ``setup`` on every rank, so no collective is left to rank 0.
 
     Args:
         num_samples: samples per setting.
@@ -59,11 +62,18 @@ class SampleReport(L.Callback):
         self.euler_steps = tuple(int(s) for s in euler_steps)
         self.seed = int(seed)
         self.rows: list[dict[str, Any]] = []
+        self._run_dir: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank runs setup: resolve the directory here, since trainer.log_dir is a collective that would hang
+        # if called from rank 0 alone (on_fit_end below).
+        self._run_dir = resolve_run_dir(trainer)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = trainer.log_dir or trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir = self._run_dir
+        if run_dir is not None:
+            os.makedirs(run_dir, exist_ok=True)
         reference = _reference_samples(trainer, self.num_samples)
         gen = torch.Generator().manual_seed(self.seed)
         x0 = torch.randn((self.num_samples, *pl_module.data_shape), generator=gen)
@@ -84,9 +94,10 @@ class SampleReport(L.Callback):
             self.rows.append(row)
         val_loss = trainer.callback_metrics.get("val/loss")
         self._write_table(run_dir, None if val_loss is None else float(val_loss), trainer.global_step)
-        self._write_picture(run_dir, trainer, samples, reference)
+        if run_dir is not None:
+            self._write_picture(run_dir, trainer, samples, reference)
 
-    def _write_table(self, run_dir: str, val_loss: float | None, step: int) -> None:
+    def _write_table(self, run_dir: str | None, val_loss: float | None, step: int) -> None:
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         lines = [f"# Samples after {step} training steps", ""]
         if val_loss is not None:
@@ -96,13 +107,14 @@ class SampleReport(L.Callback):
         for row in self.rows:
             cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
-        with open(os.path.join(run_dir, "metrics.md"), "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        if run_dir is not None:
+            with open(os.path.join(run_dir, "metrics.md"), "w") as fh:
+                fh.write("\n".join(lines) + "\n")
         try:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=f"ko_lightning samples after {step} steps ({run_dir})")
+            table = Table(title=f"ko_lightning samples after {step} steps" + (f" ({run_dir})" if run_dir else ""))
             for c in columns:
                 table.add_column(c)
             for row in self.rows:

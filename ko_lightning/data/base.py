@@ -8,22 +8,30 @@ sampler that yields whole *index batches* and a dataset whose ``__getitem__`` sl
 Under DDP, Lightning wraps such a sampler in its ``DistributedSamplerWrapper``, which hands each rank a disjoint
 subset of the batches (the sampler is seeded identically on every rank, so all ranks agree on the batch list).
 
+The loaders are :class:`IndexBatchLoader` objects: their position in the epoch is part of Lightning's checkpoints,
+so a run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
+
 The data modules share their loaders through :class:`SplitTensorDataModule`, and the normalized ones (digits, 2D
-toys) their split tensors and ko-math §2 normalization through :class:`NormalizedSplitDataModule`.
+toys) their split tensors and docs/math.md §2 normalization through :class:`NormalizedSplitDataModule`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ko_lightning.seeding import derive_seed
+
 __all__ = [
+    "IndexBatchLoader",
     "IndexBatchSampler",
+    "IndexedTransform",
     "NormalizedSplitDataModule",
     "SplitTensorDataModule",
     "TensorBatchDataset",
@@ -35,25 +43,13 @@ __all__ = [
 ]
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A well-mixed 63-bit seed from a base ``seed`` and integer ``keys`` (e.g. a split id and an epoch).
-
-    Deterministic across processes and Python versions (it does not use ``hash``).
-
-    Example:
-        >>> derive_seed(0, 1) != derive_seed(0, 2) != derive_seed(1, 1)
-        True
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *(int(k) for k in keys)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
 class IndexBatchSampler(Sampler[Tensor]):
     """Yields whole batches of indices (``LongTensor`` of shape ``(batch_size,)``) into ``range(num_samples)``.
 
     With ``shuffle=True`` each epoch uses the permutation seeded by ``derive_seed(seed, epoch)``. The epoch is set by
     :meth:`set_epoch` (Lightning calls it before every epoch, also through its distributed wrapper) and otherwise
-    advances by one after each pass, so plain iteration also reshuffles.
+    advances by one after each pass, so plain iteration also reshuffles. A pass fixes its epoch when it yields its
+    first batch; :attr:`pass_epoch` records it (the loader's checkpoint state needs it).
 
     Args:
         num_samples: size of the data set.
@@ -83,7 +79,8 @@ class IndexBatchSampler(Sampler[Tensor]):
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
-        self.epoch = 0
+        self.epoch = 0  # epoch of the next pass
+        self.pass_epoch: int | None = None  # epoch of the latest pass that started (None: none yet)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of the next pass (called by Lightning at each epoch start)."""
@@ -95,6 +92,7 @@ class IndexBatchSampler(Sampler[Tensor]):
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[Tensor]:
+        self.pass_epoch = self.epoch
         if self.shuffle:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=generator)
@@ -105,18 +103,30 @@ class IndexBatchSampler(Sampler[Tensor]):
             yield order[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+class IndexedTransform:
+    """Base of batch transforms that also see the indices of the batch: called as ``transform(batch, index)``.
+
+    A random transform (e.g. a random flip) that draws from a generator seeded by the batch's indices is a function
+    of the batch alone: it repeats exactly on a resumed run and in loader workers, where the global RNG does not.
+    """
+
+    def __call__(self, batch: Tensor, index: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(batch, index)")
+
+
 class TensorBatchDataset(Dataset[Tensor]):
     """A tensor seen as a data set that is indexed with whole index batches.
 
-    ``dataset[index]`` returns ``transform(data[index])`` (or ``data[index]``), a plain tensor of shape
-    ``(len(index), ...)``; used with :class:`IndexBatchSampler` and ``DataLoader(batch_size=None)``.
+    ``dataset[index]`` returns ``transform(data[index])`` (or ``transform(data[index], index)`` for an
+    :class:`IndexedTransform`, or ``data[index]`` without transform), a plain tensor of shape ``(len(index), ...)``;
+    used with :class:`IndexBatchSampler` and ``DataLoader(batch_size=None)``.
 
     Args:
         data: the samples, shape ``(N, ...)``.
         transform: optional batch transform (must be picklable when loader workers are used).
     """
 
-    def __init__(self, data: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, data: Tensor, transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None) -> None:
         self.data = data
         self.transform = transform
 
@@ -125,7 +135,172 @@ class TensorBatchDataset(Dataset[Tensor]):
 
     def __getitem__(self, index: Tensor | int) -> Tensor:
         batch = self.data[index]
+        if isinstance(self.transform, IndexedTransform):
+            return self.transform(batch, torch.as_tensor(index))
         return self.transform(batch) if self.transform is not None else batch
+
+
+_END = object()
+
+
+def _index_batch_sampler(sampler: object) -> IndexBatchSampler | None:
+    """The :class:`IndexBatchSampler` behind a loader's sampler: the sampler itself, or the one inside Lightning's
+    ``DistributedSamplerWrapper`` (kept as ``wrapper.dataset._sampler``); None for any other sampler."""
+    if isinstance(sampler, IndexBatchSampler):
+        return sampler
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if isinstance(inner, IndexBatchSampler) else None
+
+
+class _Position:
+    """Where an :class:`IndexBatchLoader` stands in its epoch, shared with the index source of its iterators."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[int, int] | None = None  # (epoch, batches to skip) restored by load_state_dict
+        self.offset = 0  # batches skipped at the start of the current pass
+
+
+class _ResumingIndexSampler:
+    """The index source of an :class:`IndexBatchLoader`'s iterators: the loader's sampler, less the batches that a
+    restored state says the epoch being resumed has already used.
+
+    It refers to the loader's :class:`_Position`, not to the loader: torch's iterators keep their index source, and
+    a loader -> iterator -> loader cycle would leave worker processes to the cyclic garbage collector, whose
+    unordered finalization makes their shutdown wait for a timeout.
+    """
+
+    def __init__(self, position: _Position, sampler: Any) -> None:
+        self.position = position
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.position.offset = 0
+        return self._pass(iter(self.sampler))
+
+    def _pass(self, batches: Iterator[Any]) -> Iterator[Any]:
+        # The first batch starts the pass, which fixes its epoch; only then can the restored position be matched
+        # to it (Lightning calls set_epoch after it creates the iterator).
+        first = next(batches, _END)
+        skip = self._take_skip()
+        for _ in range(skip):  # index batches only: the skipped batches' data are never read
+            first = next(batches, _END)
+        self.position.offset = skip
+        if first is _END:
+            return
+        yield first
+        yield from batches
+
+    def _take_skip(self) -> int:
+        """Batches the pass that just started must skip: the restored position, if the pass is of its epoch."""
+        pending, self.position.pending = self.position.pending, None
+        if pending is None:
+            return 0
+        sampler = _index_batch_sampler(self.sampler)
+        epoch, done = pending
+        return done if sampler is not None and sampler.pass_epoch == epoch else 0
+
+
+class IndexBatchLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`IndexBatchSampler` whose position in the epoch is saved and restored.
+
+    Lightning's fit loop treats a training loader that has ``state_dict()`` and ``load_state_dict()`` as resumable
+    (``lightning.fabric.utilities.types._Stateful``): it stores ``state_dict()`` in the checkpoint's loop state
+    (``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``) and, on resume, calls
+    ``load_state_dict`` before it creates the iterator of the resumed epoch. The state is the epoch of the pass in
+    progress and the number of batches this loader has delivered in it. The resumed pass regenerates that epoch's
+    batch order and skips the delivered batches (their indices are drawn, their data are never read), so a run
+    resumed from any step trains on exactly the batches of the uninterrupted run, in the same order. A state saved
+    at the end of a pass resumes at the start of the next epoch; a restored position is used only by a pass of
+    the same epoch (if the trainer has moved on to another epoch, that pass starts from its first batch).
+
+    This holds with loader workers too: the skip happens in the main process before any index is sent to a worker,
+    and the count is of batches delivered to the training loop, not of batches prefetched. Under DDP, Lightning
+    re-creates the loader around a ``DistributedSamplerWrapper`` of the sampler; the state then counts the batches
+    of this rank's shard (every rank has the same number and delivers in lockstep, so rank 0's saved state is every
+    rank's), and the skip applies to the shard.
+
+    Where the position cannot be restored, ``load_state_dict`` warns and the resumed epoch starts from its first
+    batch: a checkpoint whose loader had a different number of batches per epoch (another data set, ``batch_size``
+    or number of devices), or a sampler that is neither an :class:`IndexBatchSampler` nor Lightning's wrapper of one.
+    A checkpoint written before loaders had a state holds no position: Lightning then calls nothing and the epoch
+    restarts silently. Under DDP the resumed order also needs the same ``PL_GLOBAL_SEED`` (the wrapper's shuffling
+    seed; ``seed_everything`` sets it). Batch transforms must be functions of the batch (this cannot be checked):
+    seed random augmentations from the batch's indices (:class:`IndexedTransform`, as the image module's flips do),
+    not from the global RNG, which Lightning does not restore (nor do loader workers, reseeded at every start).
+
+    Build it with :func:`make_loader`.
+    """
+
+    _live_iterator: Any = None  # the iterator of the current pass
+
+    @property
+    def _position(self) -> _Position:
+        position = self.__dict__.get("_position_state")
+        if position is None:  # created on first use: Lightning re-creates loaders through DataLoader's __init__
+            position = self._position_state = _Position()
+        return position
+
+    @property
+    def _index_sampler(self) -> Any:
+        # Where torch's loader iterators draw their indices from (in the main process, before any prefetching).
+        base = DataLoader._index_sampler.fget(self)  # type: ignore[attr-defined]
+        return _ResumingIndexSampler(self._position, base)
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        self._live_iterator = iterator
+        return iterator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_live_iterator"] = None  # torch's loader iterators cannot be pickled
+        return state
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches", "num_batches"}``: the epoch of the pass in progress (or of the next pass if none
+        has started), the batches delivered in it, and the batches per pass (to detect a changed configuration)."""
+        sampler = _index_batch_sampler(self.sampler)
+        if sampler is None:
+            return {}
+        if sampler.pass_epoch is None or self._live_iterator is None:
+            return {"epoch": sampler.epoch, "batches": 0, "num_batches": len(self)}
+        delivered = self._position.offset + int(getattr(self._live_iterator, "_num_yielded", 0))
+        return {"epoch": sampler.pass_epoch, "batches": delivered, "num_batches": len(self)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the position saved by :meth:`state_dict`: the next pass is that epoch's, less the batches
+        already delivered (or the following epoch's, from its start, if the saved pass had ended)."""
+        sampler = _index_batch_sampler(self.sampler)
+        if sampler is None or not state_dict:
+            warnings.warn(
+                f"cannot restore the training loader's position: its sampler is a {type(self.sampler).__name__}, "
+                f"not an IndexBatchSampler (or the checkpoint holds no position), so the resumed epoch starts from "
+                "its first batch and the run differs from an uninterrupted one",
+                stacklevel=2,
+            )
+            return
+        epoch, done, saved = int(state_dict["epoch"]), int(state_dict["batches"]), int(state_dict["num_batches"])
+        if saved != len(self):
+            warnings.warn(
+                f"the checkpoint's training loader had {saved} batches per epoch, this one has {len(self)} (another "
+                f"data set, batch_size or number of devices): epoch {epoch} resumes from its first batch instead of "
+                f"batch {done}, so the run differs from an uninterrupted one",
+                stacklevel=2,
+            )
+            done = 0
+        if done >= len(self):  # the saved pass had ended
+            epoch, done = epoch + 1, 0
+        # Set the epoch now: under DDP the wrapper draws the whole pass when the iterator is created, which Lightning
+        # does before its own set_epoch call.
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        else:
+            sampler.set_epoch(epoch)
+        self._position.pending = (epoch, done) if done else None
 
 
 def make_loader(
@@ -136,9 +311,12 @@ def make_loader(
     drop_last: bool,
     seed: int = 0,
     num_workers: int = 0,
-    transform: Callable[[Tensor], Tensor] | None = None,
-) -> DataLoader:
-    """A ``DataLoader`` yielding plain tensor batches of ``data`` through :class:`IndexBatchSampler`.
+    transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None,
+) -> IndexBatchLoader:
+    """An :class:`IndexBatchLoader` yielding plain tensor batches of ``data`` through :class:`IndexBatchSampler`.
+
+    Its position in the epoch is part of Lightning's checkpoints (exact mid-epoch resume, see
+    :class:`IndexBatchLoader`).
 
     Args:
         data: the samples, shape ``(N, ...)``.
@@ -147,12 +325,12 @@ def make_loader(
         drop_last: drop the final incomplete batch.
         seed: base seed of the shuffling.
         num_workers: loader worker processes (0 loads in the main process, the fastest choice for in-memory data).
-        transform: optional per-batch transform.
+        transform: optional per-batch transform (an :class:`IndexedTransform` also receives the batch's indices).
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     sampler = IndexBatchSampler(data.shape[0], batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
-    return DataLoader(
+    return IndexBatchLoader(
         TensorBatchDataset(data, transform),
         batch_size=None,
         sampler=sampler,
@@ -202,7 +380,7 @@ def split_sizes(num_samples: int, val_fraction: float, test_fraction: float = 0.
 
 
 def moment_normalization(data: Tensor) -> tuple[Tensor, Tensor]:
-    """Statistics of the normalization of ko-math §2: a per-feature mean and one global scale.
+    """Statistics of the normalization of docs/math.md §2: a per-feature mean and one global scale.
 
     ``mean = E[x]`` (per feature, shape ``data.shape[1:]``) and ``scale = sqrt(E||x - mean||^2 / d)`` (a 0-d
     tensor), so that ``(x - mean) / scale`` has mean 0 and per-dimension second moment ``E||x||^2 / d = 1``.
@@ -236,7 +414,8 @@ class SplitTensorDataModule(L.LightningDataModule):
     validates and stores ``batch_size``, ``seed`` and ``num_workers`` and provides the loaders:
 
     - :meth:`train_dataloader`: shuffled batches, reshuffled every epoch (seeded by ``derive_seed(seed, 3)`` and the
-      epoch), the last incomplete batch dropped;
+      epoch), the last incomplete batch dropped; an :class:`IndexBatchLoader`, whose position in the epoch is part of
+      Lightning's checkpoints (exact mid-epoch resume);
     - :meth:`val_dataloader` / :meth:`test_dataloader`: the split in order, all batches kept; an empty list (which
       Lightning skips) for an empty split.
 
@@ -266,12 +445,13 @@ class SplitTensorDataModule(L.LightningDataModule):
         """The tensor that the loaders of ``split`` (``"train"``, ``"val"`` or ``"test"``) draw from."""
         raise NotImplementedError(f"{type(self).__name__} must implement _split(split)")
 
-    def _batch_transform(self, train: bool) -> Callable[[Tensor], Tensor] | None:
+    def _batch_transform(self, train: bool) -> Callable[[Tensor], Tensor] | IndexedTransform | None:
         """Transform applied to every batch of the train (``train=True``) or evaluation loaders; None: no transform."""
         return None
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (reshuffled every epoch, last incomplete batch dropped)."""
+    def train_dataloader(self) -> IndexBatchLoader:
+        """Shuffled training batches (reshuffled every epoch, last incomplete batch dropped); the loader's position
+        in the epoch is saved in Lightning checkpoints, so a mid-epoch resume repeats the uninterrupted run."""
         return make_loader(
             self._split("train"),
             self.batch_size,
@@ -282,7 +462,7 @@ class SplitTensorDataModule(L.LightningDataModule):
             transform=self._batch_transform(True),
         )
 
-    def _eval_loader(self, split: str) -> DataLoader | list:
+    def _eval_loader(self, split: str) -> IndexBatchLoader | list:
         data = self._split(split)
         if data.shape[0] == 0:
             return []  # Lightning skips an empty list of loaders
@@ -295,17 +475,17 @@ class SplitTensorDataModule(L.LightningDataModule):
             transform=self._batch_transform(False),
         )
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> IndexBatchLoader | list:
         """The validation split in order (an empty list when the split is empty)."""
         return self._eval_loader("val")
 
-    def test_dataloader(self) -> DataLoader | list:
+    def test_dataloader(self) -> IndexBatchLoader | list:
         """The test split in order (an empty list when the split is empty)."""
         return self._eval_loader("test")
 
 
 class NormalizedSplitDataModule(SplitTensorDataModule):
-    """A :class:`SplitTensorDataModule` whose splits are stored normalized as in ko-math §2.
+    """A :class:`SplitTensorDataModule` whose splits are stored normalized as in docs/math.md §2.
 
     A subclass's ``setup`` fills ``self.mean`` and ``self.scale`` (the :func:`moment_normalization` statistics of
     its raw train split) and ``self._splits`` (``{"train", "val", "test"}`` -> normalized tensors), once: later

@@ -23,7 +23,7 @@ def _load_digits_pixels() -> Tensor:
 
 
 class DigitsDataModule(NormalizedSplitDataModule):
-    """Real, small image data for fast experiments: ``sklearn.datasets.load_digits``, normalized as in ko-math §2.
+    """Real, small image data for fast experiments: ``sklearn.datasets.load_digits``, normalized as in docs/math.md §2.
 
     The 1797 images are split at random (seeded) into train/val/test. On the train split only, the per-pixel mean
     ``mu`` and one global scale ``c = sqrt(E||x - mu||^2 / 64)`` are computed, and every split is mapped to

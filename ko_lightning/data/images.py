@@ -8,13 +8,15 @@ ever downloaded. The whole set is held in memory as uint8 (``N * C * H * W`` byt
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ko_lightning.data.base import SplitTensorDataModule, split_indices, split_sizes
+from ko_lightning.data.base import IndexedTransform, SplitTensorDataModule, derive_seed, split_indices, split_sizes
 
 __all__ = ["IMAGE_EXTENSIONS", "NPZ_KEYS", "ImageDataModule", "load_image_folder", "load_image_array", "load_images"]
 
@@ -38,6 +40,13 @@ def _resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
     return np.asarray(pil.resize((image_size, image_size), Image.Resampling.LANCZOS))
 
 
+def _unreadable_image(file: Path, err: BaseException) -> ValueError:
+    return ValueError(
+        f"cannot read the image file {str(file)!r} ({type(err).__name__}: {err}): it is truncated or corrupt (or not "
+        "an image); replace or remove it"
+    )
+
+
 def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor:
     """Read every image file under ``path`` (recursively, sorted by relative path) into one uint8 tensor.
 
@@ -54,7 +63,8 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor
 
     Raises:
         FileNotFoundError: if ``path`` is not a folder or holds no image file.
-        ValueError: if the images differ in size and no ``image_size`` is given.
+        ValueError: naming the file if an image file is truncated or corrupt; if the images differ in size and no
+            ``image_size`` is given.
     """
     from PIL import Image
 
@@ -66,13 +76,19 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
     modes = set()
     for f in files:
-        with Image.open(f) as im:  # lazy: reads the header only
-            modes.add(im.mode)
+        try:
+            with Image.open(f) as im:  # lazy: reads the header only
+                modes.add(im.mode)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad headers
+            raise _unreadable_image(f, err) from err
     mode = "L" if modes <= {"L"} else "RGB"
     images = []
     for f in files:
-        with Image.open(f) as im:
-            arr = np.asarray(im.convert(mode))
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert(mode))  # decodes the whole file: a truncated one fails here
+        except (OSError, ValueError, SyntaxError) as err:
+            raise _unreadable_image(f, err) from err
         if image_size is not None:
             arr = _resize_uint8(arr, image_size)
         elif images and arr.shape != images[0].shape:
@@ -130,6 +146,17 @@ def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:
     raise ValueError(f"{source}: expected an array of 2 to 4 dimensions (N, ...), got shape {array.shape}")
 
 
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What numpy and zipfile raise for a truncated or corrupt ``.npy``/``.npz`` file."""
+
+
+def _unreadable_array(source: str, err: BaseException) -> ValueError:
+    return ValueError(
+        f"cannot read the image array file {source!r} ({type(err).__name__}: {err}): it is truncated or corrupt, or "
+        "not a .npy/.npz array file (pickled object arrays are refused); write it again with np.save/np.savez"
+    )
+
+
 def load_image_array(path: str | Path, image_size: int | None = None, npz_key: str | None = None) -> Tensor:
     """Read images from a ``.npz`` (or ``.npy``) file holding a uint8 array.
 
@@ -147,30 +174,45 @@ def load_image_array(path: str | Path, image_size: int | None = None, npz_key: s
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: for a missing key, a non-uint8 dtype, values outside ``[0, 255]`` or an unreadable shape.
+        ValueError: naming the file if it is truncated, corrupt or not an array file (pickled object arrays are
+            refused: nothing is unpickled); for a missing key, a non-uint8 dtype, values outside ``[0, 255]`` or an
+            unreadable shape.
     """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"image array file not found: {str(file)!r}")
     source = str(file)
     if file.suffix.lower() == ".npy":
-        array = np.load(file, allow_pickle=False)
+        try:
+            array = np.load(file, allow_pickle=False)
+        except _READ_ERRORS as err:
+            raise _unreadable_array(source, err) from err
     else:
-        with np.load(file, allow_pickle=False) as archive:
-            keys = list(archive.keys())
-            if npz_key is not None:
-                if npz_key not in keys:
-                    raise ValueError(f"npz_key={npz_key!r} is not in {source!r}; its keys are {keys}")
-                key = npz_key
-            else:
-                found = [k for k in NPZ_KEYS if k in keys]
-                if not found:
-                    raise ValueError(
-                        f"{source!r} has none of the keys {list(NPZ_KEYS)}; its keys are {keys}: pass npz_key"
-                    )
-                key = found[0]
-            array = archive[key]
-            source = f"{source}[{key!r}]"
+        try:
+            archive = np.load(file, allow_pickle=False)
+        except _READ_ERRORS as err:
+            raise _unreadable_array(source, err) from err
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads by content: a .npy under another name
+            array = archive
+        else:
+            with archive:
+                keys = list(archive.keys())
+                if npz_key is not None:
+                    if npz_key not in keys:
+                        raise ValueError(f"npz_key={npz_key!r} is not in {source!r}; its keys are {keys}")
+                    key = npz_key
+                else:
+                    found = [k for k in NPZ_KEYS if k in keys]
+                    if not found:
+                        raise ValueError(
+                            f"{source!r} has none of the keys {list(NPZ_KEYS)}; its keys are {keys}: pass npz_key"
+                        )
+                    key = found[0]
+                try:
+                    array = archive[key]  # reads and checks the member: a truncated archive fails here
+                except _READ_ERRORS as err:
+                    raise _unreadable_array(f"{source}[{key!r}]", err) from err
+                source = f"{source}[{key!r}]"
     array = _to_nchw(_to_uint8(array, source), source)
     if image_size is not None and array.shape[2:] != (image_size, image_size):
         hwc = array.transpose(0, 2, 3, 1)
@@ -190,16 +232,30 @@ def load_images(path: str | Path, image_size: int | None = None, npz_key: str | 
     return load_image_array(p, image_size, npz_key)
 
 
-class _ToSignedUnit:
-    """uint8 batch -> float in [-1, 1], with an optional random horizontal flip of each image (p = 1/2)."""
+def _index_generator(seed: int, index: Tensor) -> torch.Generator:
+    """A generator seeded by ``seed`` and every index of a batch: a stream of its own for every batch of every epoch
+    (the training batches are slices of a fresh random permutation), the same wherever the batch is produced."""
+    key = np.asarray([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], np.uint32)
+    entropy = np.concatenate([key, index.reshape(-1).numpy().astype(np.uint32)])
+    s0, s1 = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(s0) << 31) ^ int(s1))
 
-    def __init__(self, random_flip: bool) -> None:
+
+class _ToSignedUnit(IndexedTransform):
+    """uint8 batch -> float in [-1, 1], with an optional random horizontal flip of each image (p = 1/2).
+
+    The flips are drawn from a generator seeded by ``seed`` and the batch's indices, not from the global RNG, so
+    they repeat exactly on a resumed run and do not depend on loader workers.
+    """
+
+    def __init__(self, random_flip: bool, seed: int = 0) -> None:
         self.random_flip = random_flip
+        self.seed = int(seed)
 
-    def __call__(self, batch: Tensor) -> Tensor:
+    def __call__(self, batch: Tensor, index: Tensor) -> Tensor:
         x = batch.float().div_(127.5).sub_(1.0)
         if self.random_flip:
-            flip = torch.rand(x.shape[0]) < 0.5
+            flip = torch.rand(x.shape[0], generator=_index_generator(self.seed, index)) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
 
@@ -208,8 +264,9 @@ class ImageDataModule(SplitTensorDataModule):
     """Images from disk, as float tensors in ``[-1, 1]`` of shape ``(B, C, H, W)``.
 
     The pixels are kept as uint8 (:meth:`raw_tensor`) so that evaluation can dequantize them for bits/dim; batches
-    are ``x = u / 127.5 - 1`` for uint8 pixels ``u``, with a random horizontal flip on the training batches. A
-    seeded ``val_fraction`` of ``path`` is held out for validation; the test set comes from ``test_path``.
+    are ``x = u / 127.5 - 1`` for uint8 pixels ``u``, with a random horizontal flip on the training batches (drawn
+    from ``seed`` and the batch's indices, so a resumed run repeats them exactly). A seeded ``val_fraction`` of
+    ``path`` is held out for validation; the test set comes from ``test_path``.
 
     The loaders are those of :class:`~ko_lightning.data.base.SplitTensorDataModule`: shuffled training batches (random
     flips if enabled, last incomplete batch dropped); the validation split and the images of ``test_path`` in order,
@@ -339,4 +396,4 @@ class ImageDataModule(SplitTensorDataModule):
         return self.raw_tensor(split)  # uint8: the loaders map each batch to [-1, 1]
 
     def _batch_transform(self, train: bool) -> _ToSignedUnit:
-        return _ToSignedUnit(self.random_flip and train)
+        return _ToSignedUnit(self.random_flip and train, seed=derive_seed(self.seed, 4))

@@ -1,7 +1,7 @@
 """Two-dimensional toy distributions and their Lightning data module.
 
 The samplers return raw (un-normalized) points; :class:`Toy2DDataModule` draws fixed train/val/test sets from them
-and normalizes them as in ko-math §2 (mean 0, per-dimension second moment 1).
+and normalizes them as in docs/math.md §2 (mean 0, per-dimension second moment 1).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 
 class Toy2DDataModule(NormalizedSplitDataModule):
-    """Fixed, seeded train/val/test sets from a 2D toy distribution, normalized as in ko-math §2.
+    """Fixed, seeded train/val/test sets from a 2D toy distribution, normalized as in docs/math.md §2.
 
     The train set defines the normalization ``x_norm = (x - mean) / scale`` with the per-coordinate ``mean`` and
     one global ``scale = sqrt(E||x - mean||^2 / 2)``, so the normalized train set has mean 0 and per-dimension second

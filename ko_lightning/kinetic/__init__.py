@@ -1,5 +1,5 @@
 """Kinetic-optimal Gaussian paths (Shaul et al., ICML 2023): the data separation function, its estimators, the
-kinetic energy of any path, and the closed-form KO solver (ko-math §2-4). Knows nothing of Lightning."""
+kinetic energy of any path, and the closed-form KO solver (docs/math.md §2-4). Knows nothing of Lightning."""
 
 from ko_lightning.kinetic.energy import kinetic_energy, kinetic_energy_density
 from ko_lightning.kinetic.estimators import (

@@ -1,4 +1,4 @@
-"""Kinetic energy of a Gaussian path for a given data separation function (ko-math §2)."""
+"""Kinetic energy of a Gaussian path for a given data separation function (docs/math.md §2)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def kinetic_energy(
     t_max: float = 1.0,
     order: int = 8,
 ) -> float:
-    """Per-dimension kinetic energy of a Gaussian path (ko-math §2):
+    """Per-dimension kinetic energy of a Gaussian path (docs/math.md §2):
 
         ``KE = int_{t_min}^{t_max} [ alpha'^2 + sigma'^2 - (1 - lambda(s_t)) sigma_t^2 s'^2_t ] dt``
 

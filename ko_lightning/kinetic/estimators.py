@@ -1,4 +1,4 @@
-"""Estimators of the separation function: from a finite data set and from a trained x1-predictor (ko-math §3).
+"""Estimators of the separation function: from a finite data set and from a trained x1-predictor (docs/math.md §3).
 
 Both estimate ``1 - lambda(s)`` in its low-variance MSE form, ``(1/d) E||y - E[y | x_t]||^2`` on normalized data
 ``y``, and both return additive partial sums (:class:`SeparationSums`) so several processes can add theirs before
@@ -47,12 +47,12 @@ _COLLINEAR_TOL = 1e-8
 class SeparationSums:
     """Additive partial sums of a separation-function estimate.
 
-    Per grid point ``k`` and query ``j`` the estimators record the MSE form ``A = ||y - y_hat||^2 / d`` (ko-math
-    §3: low variance where ``lambda ~ 1``). The data estimator, whose ``y_hat = E[y | x_t]`` is exact, also
-    records two control variates of exactly known mean 0:
+    Per grid point ``k`` and query ``j`` the estimators record the MSE form ``A = ||y - y_hat||^2 / d``
+    (docs/math.md §3: low variance where ``lambda ~ 1``). The data estimator, whose ``y_hat = E[y | x_t]`` is
+    exact, also records two control variates of exactly known mean 0:
 
-    - ``D1 = A - B`` with ``B = 1 - ||y_hat||^2 / d`` (the same mean ``1 - lambda``, but low variance where
-      ``lambda ~ 0``);
+    - ``D1 = A - B - (m2 - 1)`` with ``B = 1 - ||y_hat||^2 / d`` (``E[A] - E[B] = m2 - 1``, 0 under the data's own
+      normalization; ``B`` has low variance where ``lambda ~ 0``);
     - ``D2 = L - E[L]`` with ``L = ||y - sin(theta) x_t||^2 / d = ||cos^2(theta) y - sin(theta) cos(theta) eps||^2
       / d``, the residual of the linear (Gaussian) posterior mean, for ``x_t = sin(theta) y + cos(theta) eps``.
       ``E[L] = cos^4(theta) m2 + sin^2(theta) cos^2(theta)`` with ``m2 = E||y||^2 / d`` over the data set the
@@ -321,7 +321,9 @@ def separation_sums_from_queries(
                 acc.zero_()
             post = (acc / run_sum[:, None]).view(n_g, n_b, d)
             err = (((yq[None] - post) ** 2).sum(-1) / d).double()  # A = ||y - E[y|x]||^2 / d, (n_g, n_b)
-            cv = err - (1.0 - ((post**2).sum(-1) / d).double())  # D = A - B, B = 1 - ||E[y|x]||^2 / d
+            # D1 = A - B - (m2 - 1), B = 1 - ||E[y|x]||^2 / d: E[A] - E[B] = m2 - 1 (0 under the data's own
+            # normalization), subtracted so that D1 has mean 0 under a foreign one too (a shard, global statistics).
+            cv = err - (1.0 - ((post**2).sum(-1) / d).double()) - (m2 - 1.0)
             sq_error[g0 : g0 + n_g] += err.sum(1).cpu()
             sq_error_sq[g0 : g0 + n_g] += (err * err).sum(1).cpu()
             cv_sum[g0 : g0 + n_g] += cv.sum(1).cpu()
@@ -388,7 +390,7 @@ def estimate_separation_from_data(
     device: torch.device | str | None = None,
     smoothing: float = 0.0,
 ) -> SeparationFunction:
-    """Separation function of a finite data set (the training set's own ``lambda``; ko-math §3).
+    """Separation function of a finite data set (the training set's own ``lambda``; docs/math.md §3).
 
     ``1 - lambda(s) = (1/d) E||y - E[y | x_t]||^2`` on ``y = (x - mean) / sqrt(v)``, with the exact posterior mean
     over the set (:func:`separation_sums_from_queries`), and ``1 - ||E[y | x_t]||^2 / d`` as control variate
@@ -493,7 +495,7 @@ def estimate_separation_from_model(
     batch_size: int = 256,
     smoothing: float = 0.0,
 ) -> SeparationFunction:
-    """Separation function measured through a network's x1-prediction error (ko-math §3).
+    """Separation function measured through a network's x1-prediction error (docs/math.md §3).
 
     ``1 - lambda(s) ~ E||x1 - x1_hat(x_t, t)||^2 / (d v)`` with ``x_t = alpha_t x1 + sigma_t eps`` at the time
     ``t = path.snr_inverse(tan(theta) / sqrt(v))`` where the normalized SNR is ``tan theta``. An upper bound on

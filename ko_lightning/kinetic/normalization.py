@@ -1,4 +1,4 @@
-"""Data normalization statistics: the mean and the per-dimension second moment ``v`` (ko-math §2)."""
+"""Data normalization statistics: the mean and the per-dimension second moment ``v`` (docs/math.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The exact posterior mean ``E[x1 | x_t]`` over a finite data set, chunked so memory is bounded (ko-math §3)."""
+"""The exact posterior mean ``E[x1 | x_t]`` over a finite data set, chunked so memory is bounded (docs/math.md §3)."""
 
 from __future__ import annotations
 

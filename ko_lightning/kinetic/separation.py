@@ -1,4 +1,4 @@
-"""The data separation function ``lambda(s)`` stored on a grid of polar angles ``theta = atan(s)`` (ko-math §3)."""
+"""The data separation function ``lambda(s)`` stored on a grid of polar angles ``theta = atan(s)`` (docs/math.md §3)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class SeparationFunction(nn.Module):
 
         ``gamma(theta) = 1 - (1 - lambda(tan theta)) / cos^2 theta``,
 
-    because the bounds ``s^2 / (1 + s^2) <= lambda(s) <= 1`` (ko-math §3) are exactly ``0 <= gamma <= 1``.
+    because the bounds ``s^2 / (1 + s^2) <= lambda(s) <= 1`` (docs/math.md §3) are exactly ``0 <= gamma <= 1``.
     Construction:
 
     1. raw values ``lam`` (with per-grid-point sample ``counts``) are kept for :meth:`merge` and checkpoints;

@@ -1,4 +1,4 @@
-"""The kinetic-optimal Gaussian path in closed form (ko-math §4)."""
+"""The kinetic-optimal Gaussian path in closed form (docs/math.md §4)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def solve_ko(
     max_price: float = 0.005,
     floors: tuple[float, ...] = DEFAULT_GAMMA_FLOORS,
 ) -> KOSolution:
-    """Kinetic-optimal Gaussian path for separation function ``lam``, in closed form (ko-math §4).
+    """Kinetic-optimal Gaussian path for separation function ``lam``, in closed form (docs/math.md §4).
 
     In polar coordinates ``(sqrt(v) alpha, sigma) = r (sin theta, cos theta)`` the kinetic energy is
     ``int r'^2 + r^2 gamma(theta) theta'^2 dt``: a flat cone. With ``phi(theta) = int_0^theta sqrt(gamma)`` it is
@@ -107,7 +107,7 @@ def solve_ko(
     ``KE_min = |P_1 - P_0|^2 = 1 + r_1^2 - 2 r_1 cos Phi``. Then ``r_t = |P(t)|``, ``phi_t = atan2(P_y, P_x)``,
     ``theta_t = phi^{-1}(phi_t)``, ``r' = P.P'/r``, ``phi' = (P x P')/r^2`` and ``theta' = phi' / sqrt(gamma)``.
 
-    Regularization (ko-math §4 pitfalls): ``gamma`` is floored, ``gamma_eps = max(gamma, eps)``. This makes
+    Regularization (docs/math.md §4 pitfalls): ``gamma`` is floored, ``gamma_eps = max(gamma, eps)``. This makes
     ``phi`` strictly increasing (invertible also where ``gamma = 0``) and bounds ``theta'`` by
     ``phi' / sqrt(eps)`` (without it ``theta_t ~ sqrt(t)`` near 0 and the flow-matching loss diverges). The
     regularized path is the straight segment of the floored cone; its energy under the true ``gamma`` is

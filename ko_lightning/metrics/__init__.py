@@ -1,12 +1,15 @@
-"""Evaluation metrics: sample distances for low-dimensional data, FID/KID through torch-fidelity.
+"""Evaluation metrics: sample distances for low-dimensional data, FID/KID with torch-fidelity's networks.
 
-torch-fidelity (and torchvision) load only when an FID/KID is computed, so this import stays light.
+torch-fidelity (and torchvision) load only when an FID/KID is computed, so this import stays light. Nothing read
+from disk can run code: weights load with ``torch.load(weights_only=True)`` after a SHA-256 check, cached
+reference features are ``.npz`` files read with ``allow_pickle=False`` and certified by a JSON note.
 """
 
 from ko_lightning.metrics.digits_features import DigitsClassifier, load_digits_classifier, train_digits_classifier
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
 from ko_lightning.metrics.kinetic import ModelKineticEnergy, model_kinetic_energy
 from ko_lightning.metrics.fid import (
+    INCEPTION_WEIGHTS_SHA256,
     FidKidResult,
     all_gather_samples,
     compute_fid_kid,
@@ -16,6 +19,7 @@ from ko_lightning.metrics.fid import (
 )
 
 __all__ = [
+    "INCEPTION_WEIGHTS_SHA256",
     "DigitsClassifier",
     "FidKidResult",
     "ModelKineticEnergy",

@@ -22,8 +22,15 @@ busy shared 2-core machine).
 
 On first use the classifier is trained and saved to ``<cache_dir>/digits_classifier_v1_seed<seed>.pt``, where
 ``cache_dir`` is, in order: the ``cache_dir`` argument, the ``KO_LIGHTNING_CACHE_DIR`` environment variable,
-``$XDG_CACHE_HOME/ko_lightning``, ``~/.cache/ko_lightning``. Later calls load that file. The save is atomic, so
-ranks of a distributed job training it at the same time each write the same content without corrupting the file.
+``$XDG_CACHE_HOME/ko_lightning``, ``~/.cache/ko_lightning``. Next to it a JSON note
+(``digits_classifier_v1_seed<seed>.json``) records the SHA-256 of the ``.pt`` file and of the training data (the
+sklearn digits), the seed and the format version. Later calls reuse the file only if the note is present, valid,
+and matches both the file's bytes and the current data; otherwise (a missing, corrupt or mismatching note, a
+truncated or tampered file) the classifier is retrained and the entry rewritten, with a warning naming the file.
+The file is read once into memory, hashed, and loaded from those bytes with ``torch.load(weights_only=True)``, so
+a planted pickle never runs code. Saves are atomic (temporary file, then rename), so ranks of a distributed job
+training it at the same time never leave a partial file; a rank that finds a note and file from two different
+writers retrains rather than trusting them.
 
 The torch-fidelity adapter (:func:`register_digits_feature_extractor`) registers the classifier under the name
 ``"digits-classifier"`` with features ``"64"`` (default for FID, KID, PRC) and ``"logits"`` (default for ISC).
@@ -41,9 +48,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +68,11 @@ __all__ = [
     "DigitsClassifier",
     "DigitsTrainingInfo",
     "default_cache_dir",
+    "digits_classifier_note_path",
     "digits_classifier_path",
     "ensure_digits_classifier",
     "load_digits_classifier",
+    "load_digits_classifier_with_sha256",
     "register_digits_feature_extractor",
     "train_digits_classifier",
 ]
@@ -235,32 +248,154 @@ def train_digits_classifier(seed: int = 0) -> tuple[DigitsClassifier, DigitsTrai
     return model, info
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+_NOTE_FORMAT = "ko_lightning.digits_classifier/1"
+
+
+def digits_classifier_note_path(weights: Path) -> Path:
+    """The JSON note that certifies a cached classifier file (same name, ``.json`` suffix)."""
+    return weights.with_suffix(".json")
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write to a unique temporary file in the same folder, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _load_checkpoint(path: Path) -> DigitsClassifier:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = DigitsClassifier()
-    model.load_state_dict(checkpoint["state_dict"])
-    model.heldout_accuracy = float(checkpoint["info"]["heldout_accuracy"])
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _digits_data_sha256() -> str:
+    """SHA-256 of the training data (the sklearn digits images and labels, as the classifier sees them)."""
+    images, labels = _digits_unit_images()
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _classifier_from_bytes(data: bytes, path: Path) -> DigitsClassifier:
+    """Load a checkpoint from its bytes (``weights_only=True``: tensors and plain containers, never code).
+
+    Raises:
+        ValueError: naming ``path`` if the bytes are not a readable classifier checkpoint.
+    """
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model = DigitsClassifier()
+        model.load_state_dict(checkpoint["state_dict"])
+        model.heldout_accuracy = float(checkpoint["info"]["heldout_accuracy"])
+    except Exception as exc:  # truncated zip, planted pickle (refused), wrong keys or shapes: all one answer
+        raise ValueError(
+            f"{str(path)!r} is not a readable digits classifier checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
     model.requires_grad_(False)
     return model.eval()
+
+
+class _StaleCache(Exception):
+    """A cache entry that cannot be trusted; the message says why."""
+
+
+def _read_cached(path: Path, seed: int) -> tuple[DigitsClassifier, str]:
+    """The cached classifier and its file's SHA-256, if its note certifies it; else ``_StaleCache(reason)``."""
+    note_path = digits_classifier_note_path(path)
+    if not note_path.is_file():
+        raise _StaleCache(f"its note {str(note_path)!r} is missing")
+    try:
+        note = json.loads(note_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _StaleCache(f"its note {str(note_path)!r} is not valid JSON ({exc})") from exc
+    expected = {
+        "format": _NOTE_FORMAT,
+        "version": _FORMAT_VERSION,
+        "seed": int(seed),
+        "data_sha256": _digits_data_sha256(),
+    }
+    if not isinstance(note, dict) or not isinstance(note.get("file_sha256"), str):
+        raise _StaleCache(f"its note {str(note_path)!r} has no file_sha256")
+    for key, value in expected.items():
+        if note.get(key) != value:
+            raise _StaleCache(f"its note {str(note_path)!r} records {key}={note.get(key)!r}, expected {value!r}")
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if actual != note["file_sha256"]:
+        raise _StaleCache(f"its SHA-256 is {actual}, the note records {note['file_sha256']}")
+    try:
+        return _classifier_from_bytes(data, path), actual
+    except ValueError as exc:
+        raise _StaleCache(str(exc)) from exc
+
+
+def _train_and_cache(path: Path, seed: int) -> tuple[DigitsClassifier, str]:
+    """Train, write the checkpoint and then the note that certifies it; return the model and the file's hash."""
+    model, info = train_digits_classifier(seed)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "info": vars(info) | {"version": _FORMAT_VERSION}}, buffer)
+    data = buffer.getvalue()
+    file_sha256 = sha256_bytes(data)
+    _atomic_write_bytes(data, path)
+    note = {
+        "format": _NOTE_FORMAT,
+        "file": path.name,
+        "file_sha256": file_sha256,
+        "data_sha256": _digits_data_sha256(),
+        "seed": int(seed),
+        "version": _FORMAT_VERSION,
+        "heldout_accuracy": info.heldout_accuracy,
+        "torch_version": torch.__version__,
+    }
+    # The note goes last: a crash in between leaves a file without a note, which is rebuilt, never trusted.
+    _atomic_write_bytes(json.dumps(note, indent=1).encode(), digits_classifier_note_path(path))
+    return model, file_sha256
+
+
+def load_digits_classifier_with_sha256(
+    cache_dir: str | Path | None = None, seed: int = 0, weights_path: str | Path | None = None, retrain: bool = False
+) -> tuple[DigitsClassifier, str]:
+    """Like :func:`load_digits_classifier`, and also return the SHA-256 of the weights file the model came from
+    (the bytes that were hashed are the bytes that were loaded)."""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights_path={str(path)!r} does not exist; pass weights_path=None to train the digits classifier "
+                "into the cache folder on first use"
+            )
+        data = path.read_bytes()
+        return _classifier_from_bytes(data, path), sha256_bytes(data)
+    path = digits_classifier_path(cache_dir, seed)
+    if not retrain and (path.is_file() or digits_classifier_note_path(path).is_file()):
+        try:
+            return _read_cached(path, seed)
+        except (_StaleCache, OSError) as exc:
+            warnings.warn(
+                f"the cached digits classifier {str(path)!r} is not used ({exc}); retraining it (about a second) "
+                "and rewriting the cache entry",
+                stacklevel=3,
+            )
+    return _train_and_cache(path, seed)
 
 
 def load_digits_classifier(
     cache_dir: str | Path | None = None, seed: int = 0, weights_path: str | Path | None = None, retrain: bool = False
 ) -> DigitsClassifier:
     """The digits classifier: loaded from the cache, or trained on first use and cached.
+
+    A cached file is used only when its JSON note certifies it (SHA-256 of the file and of the training data);
+    otherwise it is retrained and rewritten, with a warning (see the module docstring). Every file is loaded with
+    ``torch.load(weights_only=True)``.
 
     Args:
         cache_dir: cache folder (default :func:`default_cache_dir`).
@@ -273,29 +408,16 @@ def load_digits_classifier(
 
     Raises:
         FileNotFoundError: naming ``weights_path`` if it is given and does not exist.
+        ValueError: naming ``weights_path`` if it is not a readable classifier checkpoint.
     """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights_path={str(path)!r} does not exist; pass weights_path=None to train the digits classifier "
-                "into the cache folder on first use"
-            )
-        return _load_checkpoint(path)
-    path = digits_classifier_path(cache_dir, seed)
-    if path.is_file() and not retrain:
-        return _load_checkpoint(path)
-    model, info = train_digits_classifier(seed)
-    _atomic_torch_save({"state_dict": model.state_dict(), "info": vars(info) | {"version": _FORMAT_VERSION}}, path)
-    return model
+    return load_digits_classifier_with_sha256(cache_dir, seed, weights_path, retrain)[0]
 
 
 def ensure_digits_classifier(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Make sure the cached classifier file exists (training it if needed) and return its path."""
-    path = digits_classifier_path(cache_dir, seed)
-    if not path.is_file():
-        load_digits_classifier(cache_dir, seed)
-    return path
+    """Make sure the cached classifier file exists and is certified by its note (training it if needed); return
+    its path."""
+    load_digits_classifier_with_sha256(cache_dir, seed)
+    return digits_classifier_path(cache_dir, seed)
 
 
 @functools.cache
@@ -310,10 +432,18 @@ def _fidelity_extractor_class() -> type:
         # torch-fidelity passes every calculate_metrics option as a keyword; the ones this extractor does not use
         # must be accepted and ignored, hence **kwargs here (the public ko_lightning API has no such catch-all).
         def __init__(
-            self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any
+            self,
+            name: str,
+            features_list: list[str],
+            feature_extractor_weights_path: str | None = None,
+            model: DigitsClassifier | None = None,
+            **kwargs: Any,
         ) -> None:
             super().__init__(name, features_list)
-            self.model = load_digits_classifier(weights_path=feature_extractor_weights_path)
+            # ``model``: an already loaded classifier (ko_lightning passes the one whose file bytes it hashed).
+            if model is None:
+                model = load_digits_classifier(weights_path=feature_extractor_weights_path)
+            self.model = model
 
         @staticmethod
         def get_provided_features_list() -> tuple[str, ...]:

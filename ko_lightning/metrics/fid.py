@@ -1,22 +1,44 @@
-"""FID and KID (and optionally IS) through torch-fidelity, offline, with named and cached reference statistics.
+"""FID and KID (and optionally IS), offline, with named reference statistics in a cache that cannot run code or lie.
 
 Two feature spaces are supported:
 
 * ``"inception-v3-compat"``: torch-fidelity's port of the TF Inception-v3 used by the original FID code. Its
   weights are never downloaded here: pass ``weights_path`` (or set ``KO_LIGHTNING_INCEPTION_WEIGHTS``) to a local
-  copy of ``weights-inception-2015-12-05-6726825d.pth``.
+  copy of ``weights-inception-2015-12-05-6726825d.pth``. The file is read into memory and its SHA-256 is checked
+  against :data:`INCEPTION_WEIGHTS_SHA256` *before* anything parses it; a mismatch is an error naming the file and
+  both hashes. Only then is it loaded, with ``torch.load(weights_only=True)`` (tensors only, never code). To use a
+  conversion of your own, pass its hash as ``weights_sha256``.
 * ``"digits-classifier"``: a small CNN trained on the sklearn digits on first use
   (:mod:`ko_lightning.metrics.digits_features`), for 8 x 8 digit samples.
+
+torch-fidelity provides the Inception network, the KID and IS formulas and the batching loop; nothing that
+torch-fidelity would read from disk is used: its own weight loading, its feature caches (``*.pt`` files read with
+``weights_only=False``) and ``calculate_metrics`` are bypassed. FID is computed here from features
+(:func:`fid_from_features`, tested against ``scipy.linalg.sqrtm``).
 
 Image conventions: tensors ``(N, C, H, W)``, either ``uint8`` in ``[0, 255]`` or floating point in ``value_range``
 (default ``[0, 1]``, e.g. :meth:`DigitsDataModule.to_display`; ``(-1, 1)`` for :class:`ImageDataModule` model space).
 Floats are quantized to 8 bits (``round(255 (x - lo) / (hi - lo))``) exactly as if the samples were saved as PNG,
 the standard FID protocol. Grayscale images are repeated to 3 channels for Inception.
 
-Reference statistics are cached under a name the user gives (``reference_name="digits-test"``): the reference
-features (and FID mean/covariance) are computed once into ``<cache_dir>/fidelity`` by torch-fidelity's cache and
-reused, also with ``reference=None``. A JSON note next to them records a SHA-256 of the reference pixels and of
-the extractor weights, so reusing a name for different data is an error rather than a silently wrong FID.
+Reference statistics are cached under a name the user gives (``reference_name="digits-test"``): computed once,
+then reused, also with ``reference=None``. One cache entry per (name, extractor weights, layer), in
+``<cache_dir>/fidelity/``::
+
+    <name>-<weights sha256[:12]>-<extractor>-features-<layer>-<file sha256[:16]>.npz   features, mu, sigma
+    <name>-<weights sha256[:12]>-<extractor>-features-<layer>-reference.json           the note
+
+The ``.npz`` holds ``features`` (float32 ``(N, D)``, for KID), ``mu`` and ``sigma`` (float64 mean and unbiased
+covariance, for FID). It is read with ``numpy.load(allow_pickle=False)``: arrays only, never code. The JSON note
+records the format, the reference name, the extractor, the layer, the SHA-256 of the extractor's weights file,
+the SHA-256 of the reference pixels (uint8, after quantization), the number and shape of the images, the
+``.npz`` file name and its SHA-256. An entry is reused only if the note is valid JSON, agrees with the request,
+and the ``.npz`` bytes hash to the recorded value and hold finite arrays of the recorded shapes. Anything else
+(a missing, truncated or corrupt note or ``.npz``, a hash mismatch) is never reused: with reference images given
+the entry is rebuilt from them (with a warning naming the file); with ``reference=None`` it is an error naming the
+file and saying how to clear it. The ``.npz`` is written first and the note last, each atomically, so a crash
+leaves an uncertified file (rebuilt), never a wrong certificate. Passing *different* reference images under a
+name whose entry is valid is an error rather than a silently stale FID.
 
 Under DDP call :func:`compute_fid_kid` on *every* rank with ``gather_across_ranks=True`` (see there); never on
 rank 0 only, since the gather is a collective.
@@ -38,15 +60,17 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -54,14 +78,18 @@ from torch.utils.data import Dataset
 
 from ko_lightning.metrics.digits_features import (
     DIGITS_EXTRACTOR_NAME,
+    _classifier_from_bytes,
+    _fidelity_extractor_class,
     default_cache_dir,
-    ensure_digits_classifier,
-    register_digits_feature_extractor,
+    digits_classifier_path,
+    load_digits_classifier_with_sha256,
+    sha256_bytes,
 )
 
 __all__ = [
     "INCEPTION_EXTRACTOR_NAME",
     "INCEPTION_WEIGHTS_ENV_VAR",
+    "INCEPTION_WEIGHTS_SHA256",
     "FidKidResult",
     "all_gather_samples",
     "compute_fid_kid",
@@ -77,9 +105,25 @@ INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS_ENV_VAR = "KO_LIGHTNING_INCEPTION_WEIGHTS"
 """Environment variable read when ``weights_path`` is not given for Inception."""
 
+INCEPTION_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+"""SHA-256 of torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (95,628,359 bytes), the file behind
+``torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3``.
+
+torch-fidelity itself ships no hash beyond the 8-hex prefix ``6726825d`` in the file name (the torch hub
+convention: the first hex digits of the file's SHA-256). The full value could not be computed here (no network,
+no copy of the file); it is the value that several independent public projects record for this file after
+downloading it (the same bytes as pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``), and it agrees with
+the prefix in the official name."""
+
 _INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 _EXTRACTORS = (INCEPTION_EXTRACTOR_NAME, DIGITS_EXTRACTOR_NAME)
 _DEFAULT_LAYER = {INCEPTION_EXTRACTOR_NAME: "2048", DIGITS_EXTRACTOR_NAME: "64"}
+_LAYERS = {
+    INCEPTION_EXTRACTOR_NAME: ("64", "192", "768", "2048", "logits_unbiased", "logits"),
+    DIGITS_EXTRACTOR_NAME: ("64", "logits"),
+}
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+_CACHE_FORMAT = "ko_lightning.reference_features/2"
 _ISC_LAYER = {INCEPTION_EXTRACTOR_NAME: "logits_unbiased", DIGITS_EXTRACTOR_NAME: "logits"}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -177,45 +221,115 @@ class _ImageSet(Dataset):
         return self.images[index]
 
 
-class _CachedOnly(Dataset):
-    """Stands in for a reference whose features are in the cache; reading it means the cache was incomplete."""
-
-    def __init__(self, n: int, name: str) -> None:
-        self.n, self.name = n, name
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Tensor:
-        raise RuntimeError(
-            f"the cached features of reference_name={self.name!r} are incomplete; pass the reference images again"
-        )
-
-
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
-def _resolve_extractor(
-    feature_extractor: str, weights_path: str | Path | None, cache_dir: str | Path | None
-) -> tuple[str, Path]:
-    """The torch-fidelity name and the local weights file of the chosen extractor (training the digits one if
-    needed). Nothing is downloaded."""
+def _check_layer(feature_extractor: str, feature_layer: str | None) -> str:
+    layer = feature_layer or _DEFAULT_LAYER[feature_extractor]
+    if layer not in _LAYERS[feature_extractor]:
+        raise ValueError(
+            f"feature_layer must be one of {list(_LAYERS[feature_extractor])} for {feature_extractor!r}, got {layer!r}"
+        )
+    return layer
+
+
+def _check_sha256(weights_sha256: str | None) -> str | None:
+    if weights_sha256 is None:
+        return None
+    if not isinstance(weights_sha256, str) or not _SHA256_PATTERN.match(weights_sha256.lower()):
+        raise ValueError(f"weights_sha256 must be 64 hexadecimal digits, got {weights_sha256!r}")
+    return weights_sha256.lower()
+
+
+def _read_verified(path: Path, expected: str | None) -> tuple[bytes, str]:
+    """The bytes of ``weights_path`` and their SHA-256, after checking the hash against ``expected`` (when given).
+
+    The bytes that are hashed are the bytes that are later parsed, so the file cannot change in between.
+
+    Raises:
+        ValueError: naming the file and both hashes on a mismatch; nothing has parsed the file then.
+    """
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if expected is None or actual == expected:
+        return data, actual
+    how = (
+        f"download the official {_INCEPTION_FILE} again"
+        if expected == INCEPTION_WEIGHTS_SHA256
+        else "check that the file is the one you meant"
+    )
+    raise ValueError(
+        f"weights_path={str(path)!r} has SHA-256 {actual}, expected {expected}; the file was not loaded. Replace it "
+        f"({how}), or, if you trust this exact file (e.g. your own conversion), pass weights_sha256={actual!r}"
+    )
+
+
+@dataclass
+class _Extractor:
+    """A ready feature extractor (a torch-fidelity ``FeatureExtractorBase``) and the SHA-256 of its weights."""
+
+    module: Any
+    name: str
+    weights_sha256: str
+
+
+def _inception_module(data: bytes, path: Path, layers: list[str]) -> Any:
+    """torch-fidelity's Inception-v3 with the weights in ``data`` (already hash-checked), loaded safely."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code is refused here (weights_only), as is a truncated file
+        raise ValueError(
+            f"weights_path={str(path)!r} is not a readable Inception state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"weights_path={str(path)!r} is not a state dict (str -> tensor)")
+    # torch-fidelity's constructor reads its weights with torch.load(weights_only=False). It is given a buffer
+    # holding only the plain tensors loaded above, re-serialized here: no byte from disk is unpickled by it.
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    buffer.seek(0)
+    try:
+        return FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR_NAME, layers, feature_extractor_weights_path=buffer)
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or mis-shaped tensors
+        raise ValueError(f"weights_path={str(path)!r} does not fit the Inception-v3 network: {exc}") from exc
+
+
+def _load_extractor(
+    feature_extractor: str,
+    weights_path: str | Path | None,
+    cache_dir: str | Path | None,
+    layers: list[str],
+    weights_sha256: str | None,
+) -> _Extractor:
+    """Build the chosen extractor from a local weights file (training the digits one if needed), checking the
+    file's SHA-256 before it is parsed. Nothing is downloaded."""
     if feature_extractor not in _EXTRACTORS:
         raise ValueError(f"feature_extractor must be one of {list(_EXTRACTORS)}, got {feature_extractor!r}")
     if feature_extractor == DIGITS_EXTRACTOR_NAME:
-        register_digits_feature_extractor()
         if weights_path is None:
-            return feature_extractor, ensure_digits_classifier(cache_dir)
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"digits classifier weights_path={str(path)!r} does not exist; pass weights_path=None to train it into "
-                "the cache folder on first use"
-            )
-        return feature_extractor, path
+            model, sha = load_digits_classifier_with_sha256(cache_dir)
+            if weights_sha256 is not None and sha != weights_sha256:
+                raise ValueError(
+                    f"the cached digits classifier {str(digits_classifier_path(cache_dir))!r} has SHA-256 {sha}, "
+                    f"expected weights_sha256={weights_sha256!r}"
+                )
+        else:
+            path = Path(weights_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"digits classifier weights_path={str(path)!r} does not exist; pass weights_path=None to train "
+                    "it into the cache folder on first use"
+                )
+            data, sha = _read_verified(path, weights_sha256)
+            model = _classifier_from_bytes(data, path)
+        module = _fidelity_extractor_class()(DIGITS_EXTRACTOR_NAME, layers, model=model)
+        return _Extractor(module, feature_extractor, sha)
     if weights_path is None:
         weights_path = os.environ.get(INCEPTION_WEIGHTS_ENV_VAR) or None
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -230,7 +344,19 @@ def _resolve_extractor(
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file not found: weights_path={str(path)!r}. {how}")
-    return feature_extractor, path
+    data, sha = _read_verified(path, weights_sha256 or INCEPTION_WEIGHTS_SHA256)
+    return _Extractor(_inception_module(data, path, layers), feature_extractor, sha)
+
+
+def _run_extractor(
+    extractor: _Extractor, images: Tensor, batch_size: int, cuda: bool, verbose: bool
+) -> dict[str, Tensor]:
+    """Features of uint8 ``images`` for every layer the extractor was built with, float32 on the CPU."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    module = extractor.module.cuda() if cuda else extractor.module
+    feats = get_featuresdict_from_dataset(_ImageSet(images), module, batch_size, cuda, True, verbose)
+    return {k: v.float() for k, v in feats.items()}
 
 
 def _check_image_shape(images: Tensor, name: str, feature_extractor: str) -> Tensor:
@@ -253,38 +379,165 @@ def _prepare(images: Tensor, name: str, value_range: tuple[float, float], featur
     return _check_image_shape(to_uint8_images(images, name, value_range), name, feature_extractor)
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file, memoized on (path, size, mtime) so a 90 MB Inception file is hashed once per process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_HASHES[key] = digest.hexdigest()
-    return _FILE_HASHES[key]
-
-
 def _tensor_sha256(images: Tensor) -> str:
     digest = hashlib.sha256(str(tuple(images.shape)).encode())
     digest.update(images.numpy().tobytes())
     return digest.hexdigest()
 
 
-def _atomic_write_json(obj: dict[str, Any], path: Path) -> None:
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)  # atomic: concurrent ranks writing the same note never leave a partial file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: concurrent writers never leave a partial file
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------------------ reference cache
+class _Untrusted(Exception):
+    """A cache entry that must not be reused; the message says which file and why."""
+
+
+@dataclass
+class _Reference:
+    """Reference features and FID statistics, fresh or from a verified cache entry."""
+
+    features: Tensor  # float32 (N, D)
+    mu: np.ndarray  # float64 (D,)
+    sigma: np.ndarray  # float64 (D, D)
+    data_sha256: str
+    n: int
+    shape: list[int]
+
+
+class _ReferenceEntry:
+    """One cache entry: a content-addressed ``.npz`` and the JSON note that certifies it (see the module
+    docstring)."""
+
+    def __init__(self, root: Path, reference_name: str, extractor: str, layer: str, weights_sha256: str) -> None:
+        self.root, self.reference_name, self.extractor, self.layer = root, reference_name, extractor, layer
+        self.weights_sha256 = weights_sha256
+        self.stem = f"{reference_name}-{weights_sha256[:12]}-{extractor}-features-{layer}"
+        self.note_path = root / f"{self.stem}-reference.json"
+        self.file_pattern = re.compile(rf"^{re.escape(self.stem)}-[0-9a-f]{{16}}\.npz$")
+
+    def files(self) -> list[Path]:
+        """The note and every ``.npz`` of this entry that exists (what to delete to clear it)."""
+        found = [self.note_path] if self.note_path.exists() else []
+        if self.root.is_dir():
+            found += sorted(p for p in self.root.iterdir() if self.file_pattern.match(p.name))
+        return found
+
+    def read(self) -> _Reference | None:
+        """The verified entry, ``None`` if nothing of it exists.
+
+        Raises:
+            _Untrusted: naming the file, if anything of the entry exists but does not verify.
+        """
+        if not self.note_path.is_file():
+            stray = self.files()
+            if stray:
+                raise _Untrusted(f"{str(stray[0])!r} has no note ({str(self.note_path)!r} is missing)")
+            return None
+        note_name = repr(str(self.note_path))
+        try:
+            note = json.loads(self.note_path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Untrusted(f"the note {note_name} is not valid JSON ({exc})") from exc
+        if not isinstance(note, dict):
+            raise _Untrusted(f"the note {note_name} is not a JSON object")
+        expected = {
+            "format": _CACHE_FORMAT,
+            "reference_name": self.reference_name,
+            "feature_extractor": self.extractor,
+            "feature_layer": self.layer,
+            "weights_sha256": self.weights_sha256,
+        }
+        for key, value in expected.items():
+            if note.get(key) != value:
+                raise _Untrusted(f"the note {note_name} records {key}={note.get(key)!r}, expected {value!r}")
+        file, file_sha, data_sha = note.get("file"), note.get("file_sha256"), note.get("data_sha256")
+        n, shape = note.get("n_reference"), note.get("shape")
+        if not (isinstance(file, str) and self.file_pattern.match(file)):
+            raise _Untrusted(f"the note {note_name} names no valid features file ({file!r})")
+        if not (isinstance(file_sha, str) and _SHA256_PATTERN.match(file_sha)):
+            raise _Untrusted(f"the note {note_name} has no valid file_sha256")
+        if not (isinstance(data_sha, str) and _SHA256_PATTERN.match(data_sha)):
+            raise _Untrusted(f"the note {note_name} has no valid data_sha256")
+        if not (isinstance(n, int) and n >= 2 and isinstance(shape, list) and all(isinstance(v, int) for v in shape)):
+            raise _Untrusted(f"the note {note_name} has no valid n_reference/shape")
+        path = self.root / file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _Untrusted(f"{str(path)!r} named by the note cannot be read ({exc})") from exc
+        actual = sha256_bytes(data)
+        if actual != file_sha:
+            raise _Untrusted(f"{str(path)!r} has SHA-256 {actual}, its note records {file_sha}")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # arrays only: a pickle is refused
+                arrays = {k: archive[k] for k in ("features", "mu", "sigma")}
+        except Exception as exc:  # truncated zip, object arrays (pickles), missing arrays
+            raise _Untrusted(f"{str(path)!r} is not a readable features archive ({type(exc).__name__}: {exc})") from exc
+        features, mu, sigma = arrays["features"], arrays["mu"], arrays["sigma"]
+        ok = (
+            features.dtype == np.float32 and features.ndim == 2 and features.shape[0] == n
+            and mu.dtype == np.float64 and mu.shape == (features.shape[1],)
+            and sigma.dtype == np.float64 and sigma.shape == (features.shape[1],) * 2
+        )
+        if not ok or not (np.isfinite(features).all() and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise _Untrusted(f"{str(path)!r} does not hold finite arrays of the shapes its note records")
+        return _Reference(torch.from_numpy(features), mu, sigma, data_sha, n, shape)
+
+    def write(self, ref: _Reference) -> None:
+        """Write the ``.npz`` (named by its own hash), then the note that certifies it; drop superseded files."""
+        buffer = io.BytesIO()
+        np.savez(buffer, features=ref.features.numpy(), mu=ref.mu, sigma=ref.sigma)
+        data = buffer.getvalue()
+        file_sha = sha256_bytes(data)
+        path = self.root / f"{self.stem}-{file_sha[:16]}.npz"
+        _atomic_write_bytes(data, path)
+        note = {
+            "format": _CACHE_FORMAT,
+            "reference_name": self.reference_name,
+            "feature_extractor": self.extractor,
+            "feature_layer": self.layer,
+            "weights_sha256": self.weights_sha256,
+            "data_sha256": ref.data_sha256,
+            "n_reference": ref.n,
+            "shape": ref.shape,
+            "file": path.name,
+            "file_sha256": file_sha,
+        }
+        # Last, atomically: each writer's note names its own (content-addressed) file, so concurrent writers
+        # (DDP ranks) leave a consistent entry whichever note lands last.
+        _atomic_write_bytes(json.dumps(note, indent=1).encode(), self.note_path)
+        if not _dist_active():  # other ranks may be writing their own files right now
+            for stale in self.files():
+                if stale.suffix == ".npz" and stale != path:
+                    stale.unlink(missing_ok=True)
+
+
+def _fid_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of ``(N, D)`` features, in float64."""
+    f = features.detach().cpu().double().numpy()
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def _fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))`` (torch-fidelity's and pytorch-fid's method).
+
+    ``S1 S2`` is similar to the PSD matrix ``S1^(1/2) S2 S1^(1/2)``, so its eigenvalues are real and >= 0 up to
+    round-off and ``Tr((S1 S2)^(1/2))`` is the sum of their square roots (real parts, for round-off).
+    """
+    diff = mu1 - mu2
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
+    tr_covmean = float(np.sqrt(eigenvalues).real.sum())
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -373,18 +626,21 @@ def extract_features(
     *,
     feature_layer: str | None = None,
     weights_path: str | Path | None = None,
+    weights_sha256: str | None = None,
     cache_dir: str | Path | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 64,
     cuda: bool | None = None,
 ) -> Tensor:
-    """Features of ``images`` from a torch-fidelity feature extractor (the ones :func:`compute_fid_kid` uses).
+    """Features of ``images`` from the feature extractors :func:`compute_fid_kid` uses.
 
     Args:
         images: ``(N, C, H, W)``, uint8 or float in ``value_range``.
         feature_extractor: ``"digits-classifier"`` or ``"inception-v3-compat"``.
         feature_layer: layer name (default ``"64"`` for digits, ``"2048"`` for Inception).
         weights_path: local weights file (required for Inception; optional for digits).
+        weights_sha256: expected SHA-256 of ``weights_path``, checked before it is read (default for Inception:
+            :data:`INCEPTION_WEIGHTS_SHA256`).
         cache_dir: cache folder of the digits classifier (default :func:`default_cache_dir`).
         value_range: range of floating point input.
         batch_size: images per forward pass.
@@ -397,22 +653,26 @@ def extract_features(
         >>> extract_features(torch.rand(10, 1, 8, 8), cuda=False).shape  # doctest: +SKIP
         torch.Size([10, 64])
     """
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
     _check_positive_int("batch_size", batch_size)
-    name, path = _resolve_extractor(feature_extractor, weights_path, cache_dir)
-    layer = feature_layer or _DEFAULT_LAYER[name]
-    images = _prepare(images, "images", value_range, name)
+    if feature_extractor not in _EXTRACTORS:
+        raise ValueError(f"feature_extractor must be one of {list(_EXTRACTORS)}, got {feature_extractor!r}")
+    layer = _check_layer(feature_extractor, feature_layer)
+    images = _prepare(images, "images", value_range, feature_extractor)
+    extractor = _load_extractor(feature_extractor, weights_path, cache_dir, [layer], _check_sha256(weights_sha256))
     use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
-    extractor = create_feature_extractor(
-        name, [layer], cuda=use_cuda, feature_extractor_weights_path=str(path), verbose=False
-    )
-    feats = get_featuresdict_from_dataset(_ImageSet(images), extractor, batch_size, use_cuda, True, False)
-    return feats[layer].float()
+    return _run_extractor(extractor, images, batch_size, use_cuda, False)[layer]
+
+
+def _check_feature_pair(features1: Tensor, features2: Tensor) -> None:
+    for name, f in (("features1", features1), ("features2", features2)):
+        if not isinstance(f, Tensor) or f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"{name} must be a tensor of shape (N, D) with N >= 2, got {getattr(f, 'shape', f)!r}")
+    if features1.shape[1] != features2.shape[1]:
+        raise ValueError(f"feature dimensions differ: {features1.shape[1]} vs {features2.shape[1]}")
 
 
 def fid_from_features(features1: Tensor, features2: Tensor) -> float:
-    """FID between two feature sets ``(N1, D)`` and ``(N2, D)``, via torch-fidelity's statistics and formula.
+    """FID between two feature sets ``(N1, D)`` and ``(N2, D)``.
 
     ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with unbiased sample covariances, in float64.
 
@@ -424,28 +684,22 @@ def fid_from_features(features1: Tensor, features2: Tensor) -> float:
         >>> fid_from_features(x, x) < 1e-9, round(fid_from_features(x, x + 1.0), 6)  # a shift by 1 in 4 dims
         (True, 4.0)
     """
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    for name, f in (("features1", features1), ("features2", features2)):
-        if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"{name} must have shape (N, D) with N >= 2, got {tuple(f.shape)}")
-    if features1.shape[1] != features2.shape[1]:
-        raise ValueError(f"feature dimensions differ: {features1.shape[1]} vs {features2.shape[1]}")
-    s1 = fid_features_to_statistics(features1.detach().cpu().double())
-    s2 = fid_features_to_statistics(features2.detach().cpu().double())
-    return float(fid_statistics_to_metric(s1, s2, False)[KEY_METRIC_FID])
+    _check_feature_pair(features1, features2)
+    return _fid_from_statistics(*_fid_statistics(features1), *_fid_statistics(features2))
 
 
 def kid_from_features(
     features1: Tensor, features2: Tensor, kid_subset_size: int, kid_subsets: int = 100, seed: int = 2020
 ) -> tuple[float, float]:
-    """KID (mean, std over subsets) between two feature sets, via torch-fidelity (cubic polynomial kernel).
+    """KID (mean, std over subsets) between two feature sets, with torch-fidelity's formula (cubic polynomial
+    kernel, unbiased MMD^2; pure arithmetic on the tensors given).
 
     Raises:
         ValueError: naming ``kid_subset_size`` if a set has fewer samples than it.
     """
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
+    _check_feature_pair(features1, features2)
     _check_positive_int("kid_subset_size", kid_subset_size)
     _check_positive_int("kid_subsets", kid_subsets)
     _check_kid_counts(kid_subset_size, features1.shape[0], features2.shape[0])
@@ -477,6 +731,7 @@ def compute_fid_kid(
     reference_name: str | None = None,
     cache_dir: str | Path | None = None,
     weights_path: str | Path | None = None,
+    weights_sha256: str | None = None,
     feature_layer: str | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
     kid: bool = True,
@@ -490,12 +745,14 @@ def compute_fid_kid(
     gather_across_ranks: bool = False,
     verbose: bool = False,
 ) -> FidKidResult:
-    """FID and KID of ``generated`` against ``reference`` with torch-fidelity, offline.
+    """FID and KID of ``generated`` against ``reference``, offline.
 
     The reference statistics can be cached under ``reference_name`` (e.g. ``"digits-test"``, ``"cifar10-train"``):
-    the first call computes the reference features into ``<cache_dir>/fidelity`` (torch-fidelity's cache, keyed by
-    the name and a hash of the extractor weights); later calls reuse them, and may pass ``reference=None``. Passing
-    *different* reference images under a cached name raises instead of returning a stale FID.
+    the first call computes the reference features into ``<cache_dir>/fidelity`` (an ``.npz`` plus a JSON note
+    with SHA-256 hashes, keyed by the name, the extractor weights' hash and the layer; see the module docstring);
+    later calls reuse them, and may pass ``reference=None``. Passing *different* reference images under a cached
+    name raises instead of returning a stale FID; an entry that does not verify is rebuilt from ``reference`` or,
+    with ``reference=None``, is an error naming the file.
 
     Distributed use (DDP): call this on every rank with the rank's own ``generated`` and
     ``gather_across_ranks=True``. The samples of all ranks are gathered (:func:`all_gather_samples`), every rank
@@ -512,18 +769,21 @@ def compute_fid_kid(
             digits classifier and, under ``fidelity/``, the reference features and statistics.
         weights_path: local weights file: required for Inception (or ``$KO_LIGHTNING_INCEPTION_WEIGHTS``), optional
             for the digits classifier (default: trained on first use into ``cache_dir``).
+        weights_sha256: expected SHA-256 of the weights file, checked before the file is parsed. Default for
+            Inception: :data:`INCEPTION_WEIGHTS_SHA256` (torch-fidelity's published file); pass the hash of your own
+            converted file to use that instead. For the digits classifier it is checked only when given.
         feature_layer: feature layer for FID and KID (default ``"64"`` for digits, ``"2048"`` for Inception).
         value_range: ``(lo, hi)`` of floating point images, e.g. ``(-1.0, 1.0)`` for model-space CIFAR samples.
         kid: also compute KID.
         kid_subset_size: samples per KID subset (torch-fidelity's default 1000; lower it for small sets).
         kid_subsets: number of KID subsets.
-        isc: also compute the Inception Score of ``generated`` (from the extractor's logits; one extra pass).
+        isc: also compute the Inception Score of ``generated`` (from the extractor's logits, in the same pass).
         isc_splits: splits of the Inception Score.
         batch_size: images per forward pass of the extractor.
         cuda: run the extractor on the current CUDA device (default: when CUDA is available).
         seed: seed of the KID subsets and the IS shuffling.
         gather_across_ranks: gather ``generated`` from all ranks first (see above).
-        verbose: let torch-fidelity print progress to stderr.
+        verbose: show torch-fidelity's progress bars on stderr.
 
     Returns:
         A :class:`FidKidResult`.
@@ -543,8 +803,10 @@ def compute_fid_kid(
 
     Raises:
         ValueError: naming the argument for a wrong dtype, shape or value range, for ``kid_subset_size`` larger than
-            either set, for a missing Inception ``weights_path``, for a bad ``reference_name``, for
-            ``reference=None`` without cached statistics, or for a cached name reused with different images.
+            either set, for a missing Inception ``weights_path``, for a weights file whose SHA-256 differs from
+            ``weights_sha256`` (naming the file and both hashes), for a bad ``reference_name``, for
+            ``reference=None`` without a valid cache entry (naming the file and how to clear it), or for a cached
+            name reused with different images.
         FileNotFoundError: naming ``weights_path`` when the file does not exist (nothing is ever downloaded).
     """
     _check_positive_int("batch_size", batch_size)
@@ -553,130 +815,40 @@ def compute_fid_kid(
     _check_positive_int("isc_splits", isc_splits)
     if feature_extractor not in _EXTRACTORS:
         raise ValueError(f"feature_extractor must be one of {list(_EXTRACTORS)}, got {feature_extractor!r}")
+    name = feature_extractor
+    layer = _check_layer(name, feature_layer)
+    expected_sha256 = _check_sha256(weights_sha256)
+    if reference_name is not None and (
+        not isinstance(reference_name, str) or not _NAME_PATTERN.match(reference_name)
+    ):
+        raise ValueError(
+            f"reference_name must be letters, digits, '.', '_' or '-' (a file name part), got {reference_name!r}"
+        )
 
     if gather_across_ranks and _dist_active():
-        error: ValueError | None = None
+        invalid: ValueError | None = None
         try:
-            local = _prepare(generated, "generated", value_range, feature_extractor)
+            local = _prepare(generated, "generated", value_range, name)
         except ValueError as exc:
-            error = exc
-        if _any_rank(error is not None):  # every rank takes the same branch: nobody is left waiting in a collective
-            raise error if error is not None else ValueError("generated is invalid on another rank (see its error)")
+            invalid = exc
+        if _any_rank(invalid is not None):  # every rank takes the same branch: nobody is left waiting in a collective
+            raise invalid if invalid is not None else ValueError("generated is invalid on another rank (see its error)")
         gen = all_gather_samples(local)
     else:
-        gen = _prepare(generated, "generated", value_range, feature_extractor)
-
-    name, weights = _resolve_extractor(feature_extractor, weights_path, cache_dir)
-    layer = feature_layer or _DEFAULT_LAYER[name]
+        gen = _prepare(generated, "generated", value_range, name)
     n_gen = int(gen.shape[0])
-
-    ref_dataset: Dataset
-    cache_kwargs: dict[str, Any] = {"cache": False}
-    if reference_name is None:
-        if reference is None:
-            raise ValueError("reference is None and no reference_name is given: pass the reference images")
-        ref = _prepare(reference, "reference", value_range, name)
-        n_ref, ref_dataset = int(ref.shape[0]), _ImageSet(ref)
-    else:
-        if not isinstance(reference_name, str) or not _NAME_PATTERN.match(reference_name):
-            raise ValueError(
-                f"reference_name must be letters, digits, '.', '_' or '-' (a file name part), got {reference_name!r}"
-            )
-        weights_hash = _file_sha256(weights)
-        cache_root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "fidelity"
-        cache_name = f"{reference_name}-{weights_hash[:12]}"  # new extractor weights -> new cache entry
-        note_path = cache_root / f"{cache_name}-{name}-reference.json"
-        note = json.loads(note_path.read_text()) if note_path.is_file() else None
-        if reference is not None:
-            ref = _prepare(reference, "reference", value_range, name)
-            data_hash = _tensor_sha256(ref)
-            if note is not None and note["data_sha256"] != data_hash:
-                raise ValueError(
-                    f"reference_name={reference_name!r} is cached in {str(cache_root)!r} for different reference "
-                    f"images ({note['n_reference']} images, shape {note['shape']}); use another reference_name or "
-                    f"delete {str(cache_root / cache_name)}-*"
-                )
-            if note is None:
-                note = {
-                    "reference_name": reference_name,
-                    "feature_extractor": name,
-                    "weights_sha256": weights_hash,
-                    "data_sha256": data_hash,
-                    "n_reference": int(ref.shape[0]),
-                    "shape": list(ref.shape[1:]),
-                }
-                _atomic_write_json(note, note_path)  # written before the features, which then belong to these data
-            ref_dataset = _ImageSet(ref)
-        else:
-            features_file = cache_root / f"{cache_name}-{name}-features-{layer}.pt"
-            stats_file = cache_root / f"{cache_name}-{name}-stat-fid-{layer}.pt"
-            if note is None or not (features_file.is_file() or (not kid and stats_file.is_file())):
-                raise ValueError(
-                    f"reference is None but no cached features of reference_name={reference_name!r} (layer {layer!r}, "
-                    f"extractor {name!r}) are in {str(cache_root)!r}; pass the reference images once"
-                )
-            ref_dataset = _CachedOnly(int(note["n_reference"]), reference_name)
-        n_ref = int(note["n_reference"])
-        if list(gen.shape[1:]) != list(note["shape"]):
-            raise ValueError(f"generated images have shape {list(gen.shape[1:])}, the reference {note['shape']}")
-        cache_kwargs = {"cache": True, "cache_root": str(cache_root), "input2_cache_name": cache_name}
-    if reference_name is None and tuple(gen.shape[1:]) != tuple(ref.shape[1:]):
-        raise ValueError(f"generated images have shape {tuple(gen.shape[1:])}, the reference {tuple(ref.shape[1:])}")
-
-    if n_gen < 2 or n_ref < 2:
-        raise ValueError(f"FID needs at least 2 samples per set (generated: {n_gen}, reference: {n_ref})")
-    if kid:
-        _check_kid_counts(kid_subset_size, n_gen, n_ref)
-    if isc and n_gen < isc_splits:
-        raise ValueError(f"isc_splits={isc_splits} exceeds the {n_gen} generated samples")
-
-    from torch_fidelity import (  # imported late: argument errors need neither torch-fidelity nor torchvision
-        KEY_METRIC_FID,
-        KEY_METRIC_ISC_MEAN,
-        KEY_METRIC_ISC_STD,
-        KEY_METRIC_KID_MEAN,
-        KEY_METRIC_KID_STD,
-        calculate_metrics,
-    )
-
-    use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
-    common: dict[str, Any] = {
-        "feature_extractor": name,
-        "feature_extractor_weights_path": str(weights),
-        "batch_size": batch_size,
-        "cuda": use_cuda,
-        "rng_seed": seed,
-        "verbose": verbose,
-        "save_cpu_ram": True,  # loader without worker processes: the data are already an in-memory tensor
-    }
-    out = calculate_metrics(
-        input1=_ImageSet(gen),
-        input2=ref_dataset,
-        fid=True,
-        kid=kid,
-        feature_layer_fid=layer,
-        feature_layer_kid=layer,
-        kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets,
-        **common,
-        **cache_kwargs,
-    )
-    if isc:
-        # A separate unary call, so that the reference cache holds only the FID/KID layer.
-        out.update(
-            calculate_metrics(
-                input1=_ImageSet(gen), isc=True, feature_layer_isc=_ISC_LAYER[name], isc_splits=isc_splits, cache=False,
-                **common,
-            )
+    try:  # under DDP every rank must learn of a failure on any rank before the broadcast below
+        values, n_ref = _metric_values(
+            gen, reference, name, layer, reference_name, cache_dir, weights_path, expected_sha256, value_range, kid,
+            kid_subset_size, kid_subsets, isc, isc_splits, batch_size, cuda, seed, verbose,
         )
-    nan = math.nan
-    values = [
-        float(out[KEY_METRIC_FID]),
-        float(out.get(KEY_METRIC_KID_MEAN, nan)),
-        float(out.get(KEY_METRIC_KID_STD, nan)),
-        float(out.get(KEY_METRIC_ISC_MEAN, nan)),
-        float(out.get(KEY_METRIC_ISC_STD, nan)),
-    ]
+        error: Exception | None = None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, here and (as a pointer to it) on the other ranks
+        error, values, n_ref = exc, [float("nan")] * 5, 0
+    if gather_across_ranks and _dist_active() and _any_rank(error is not None) and error is None:
+        raise RuntimeError("compute_fid_kid failed on another rank (see its error); stopping on every rank")
+    if error is not None:
+        raise error
     if gather_across_ranks:
         values = _broadcast_numbers(values)
     fid, kid_mean, kid_std, isc_mean, isc_std = values
@@ -692,3 +864,111 @@ def compute_fid_kid(
         feature_extractor=name,
         feature_layer=layer,
     )
+
+
+def _metric_values(
+    gen: Tensor,
+    reference: Tensor | None,
+    name: str,
+    layer: str,
+    reference_name: str | None,
+    cache_dir: str | Path | None,
+    weights_path: str | Path | None,
+    expected_sha256: str | None,
+    value_range: tuple[float, float],
+    kid: bool,
+    kid_subset_size: int,
+    kid_subsets: int,
+    isc: bool,
+    isc_splits: int,
+    batch_size: int,
+    cuda: bool | None,
+    seed: int,
+    verbose: bool,
+) -> tuple[list[float], int]:
+    """``[fid, kid_mean, kid_std, isc_mean, isc_std]`` (NaN where not computed) and the reference size: the work
+    of :func:`compute_fid_kid` after the generated samples are validated (and gathered)."""
+    n_gen = int(gen.shape[0])
+    ref = _prepare(reference, "reference", value_range, name) if reference is not None else None
+    ref_sha256 = _tensor_sha256(ref) if ref is not None else ""
+    if reference_name is None and ref is None:
+        raise ValueError("reference is None and no reference_name is given: pass the reference images")
+    if ref is not None and tuple(gen.shape[1:]) != tuple(ref.shape[1:]):
+        raise ValueError(f"generated images have shape {tuple(gen.shape[1:])}, the reference {tuple(ref.shape[1:])}")
+    if ref is not None:
+        _check_counts(n_gen, int(ref.shape[0]), kid, kid_subset_size, isc, isc_splits)
+
+    isc_layer = _ISC_LAYER[name]
+    layers = [layer] + ([isc_layer] if isc and isc_layer != layer else [])
+    extractor = _load_extractor(name, weights_path, cache_dir, layers, expected_sha256)
+    use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
+
+    reference_stats: _Reference | None = None
+    entry: _ReferenceEntry | None = None
+    if reference_name is not None:
+        cache_root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "fidelity"
+        entry = _ReferenceEntry(cache_root, reference_name, name, layer, extractor.weights_sha256)
+        try:
+            reference_stats = entry.read()
+        except (_Untrusted, OSError) as exc:
+            files = ", ".join(repr(str(p)) for p in entry.files()) or repr(str(entry.note_path))
+            if ref is None:
+                raise ValueError(
+                    f"reference is None but the cache entry of reference_name={reference_name!r} (layer {layer!r}, "
+                    f"extractor {name!r}) cannot be trusted: {exc}. Pass the reference images to rebuild it, or "
+                    f"delete {files}"
+                ) from exc
+            warnings.warn(
+                f"the cache entry of reference_name={reference_name!r} is not reused ({exc}); rebuilding it from the "
+                "reference images given",
+                stacklevel=2,
+            )
+        if reference_stats is None and ref is None:
+            raise ValueError(
+                f"reference is None but no cached features of reference_name={reference_name!r} (layer {layer!r}, "
+                f"extractor {name!r}) are in {str(cache_root)!r}; pass the reference images once"
+            )
+        if reference_stats is not None and ref is not None and reference_stats.data_sha256 != ref_sha256:
+            raise ValueError(
+                f"reference_name={reference_name!r} is cached in {str(cache_root)!r} for different reference "
+                f"images ({reference_stats.n} images, shape {reference_stats.shape}); use another reference_name or "
+                f"delete {', '.join(repr(str(p)) for p in entry.files())}"
+            )
+        if reference_stats is not None and list(gen.shape[1:]) != list(reference_stats.shape):
+            raise ValueError(
+                f"generated images have shape {list(gen.shape[1:])}, the reference {reference_stats.shape}"
+            )
+        if reference_stats is not None:
+            _check_counts(n_gen, reference_stats.n, kid, kid_subset_size, isc, isc_splits)
+
+    if reference_stats is None:
+        assert ref is not None
+        ref_features = _run_extractor(extractor, ref, batch_size, use_cuda, verbose)[layer]
+        mu, sigma = _fid_statistics(ref_features)
+        reference_stats = _Reference(ref_features, mu, sigma, ref_sha256, int(ref.shape[0]), list(ref.shape[1:]))
+        if entry is not None:
+            entry.write(reference_stats)
+
+    gen_features = _run_extractor(extractor, gen, batch_size, use_cuda, verbose)
+    gen_mu, gen_sigma = _fid_statistics(gen_features[layer])
+    nan = float("nan")
+    values = [_fid_from_statistics(gen_mu, gen_sigma, reference_stats.mu, reference_stats.sigma), nan, nan, nan, nan]
+    if kid:
+        values[1:3] = kid_from_features(
+            gen_features[layer], reference_stats.features, kid_subset_size, kid_subsets, seed
+        )
+    if isc:
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+        out = isc_features_to_metric(gen_features[isc_layer], splits=isc_splits, shuffle=True, rng_seed=seed)
+        values[3:5] = [float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])]
+    return values, reference_stats.n
+
+
+def _check_counts(n_gen: int, n_ref: int, kid: bool, kid_subset_size: int, isc: bool, isc_splits: int) -> None:
+    if n_gen < 2 or n_ref < 2:
+        raise ValueError(f"FID needs at least 2 samples per set (generated: {n_gen}, reference: {n_ref})")
+    if kid:
+        _check_kid_counts(kid_subset_size, n_gen, n_ref)
+    if isc and n_gen < isc_splits:
+        raise ValueError(f"isc_splits={isc_splits} exceeds the {n_gen} generated samples")

@@ -41,7 +41,7 @@ def model_kinetic_energy(
     Solves the augmented ODE ``d/dt (x, e) = (v(x, t), ||v(x, t)||^2 / D)`` from t = 0 to 1 with ``e_0 = 0``, so
     ``e_1 = (1/D) int_0^1 ||v||^2 dt`` is computed by the same solver, at its accuracy, as the samples. For the exact
     marginal velocity of a path this equals the path's kinetic energy ``KE = (1/D) int E||u_t(x_t)||^2 dt``
-    (ko-math §2), which makes it comparable to :func:`ko_lightning.kinetic.kinetic_energy`.
+    (docs/math.md §2), which makes it comparable to :func:`ko_lightning.kinetic.kinetic_energy`.
 
     Args:
         velocity: ``velocity(x, t)``, ``t`` of shape ``(B,)``.

@@ -2,6 +2,7 @@
 
 from ko_lightning.paths.analytic import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, VPPath
 from ko_lightning.paths.base import GaussianPath, PathCoefficients, PathSample, broadcast_time, check_unit_interval
+from ko_lightning.paths.serialization import register_path, registered_paths
 from ko_lightning.paths.tabulated import TabulatedPath, pchip_slopes
 from ko_lightning.paths.transform import ScaleTimeVelocity
 
@@ -19,4 +20,6 @@ __all__ = [
     "broadcast_time",
     "check_unit_interval",
     "pchip_slopes",
+    "register_path",
+    "registered_paths",
 ]

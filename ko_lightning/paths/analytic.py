@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -10,6 +11,17 @@ from torch import Tensor
 from ko_lightning.paths.base import GaussianPath, PathCoefficients
 
 __all__ = ["CondOTPath", "CosinePath", "LinearVPPath", "PolynomialPath", "VPPath"]
+
+
+def _real(name: str, value: object) -> float:
+    """``value`` as a finite float, or an error naming the constructor argument ``name``."""
+    scalar_tensor = torch.is_tensor(value) and value.numel() == 1
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar_tensor):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number!r}")
+    return number
 
 
 class CondOTPath(GaussianPath):
@@ -20,6 +32,9 @@ class CondOTPath(GaussianPath):
     Args:
         sigma_min: noise left at t = 1, in ``[0, 1)``.
 
+    Raises:
+        ValueError: naming ``sigma_min`` when it is not finite or outside ``[0, 1)``.
+
     Example:
         >>> CondOTPath(sigma_min=0.01)(torch.tensor(1.0)).sigma
         tensor(0.0100)
@@ -27,9 +42,10 @@ class CondOTPath(GaussianPath):
 
     def __init__(self, sigma_min: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= float(sigma_min) < 1.0:
+        value = _real("sigma_min", sigma_min)
+        if not 0.0 <= value < 1.0:
             raise ValueError(f"sigma_min must lie in [0, 1), got {sigma_min!r}")
-        self.sigma_min = float(sigma_min)
+        self.sigma_min = value
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         k = 1.0 - self.sigma_min
@@ -55,18 +71,24 @@ class VPPath(GaussianPath):
     defaults), and ``sigma'_t`` diverges at t = 1 where ``sigma_1 = 0``; train with ``t`` clipped below 1.
 
     Args:
-        beta_min: noise rate at the data end, > 0.
-        beta_max: noise rate at the noise end, >= beta_min.
+        beta_min: noise rate at the data end, finite and > 0.
+        beta_max: noise rate at the noise end, finite and >= beta_min, with ``beta_min + beta_max <= 300``.
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         super().__init__()
-        if not beta_min > 0:
+        low, high = _real("beta_min", beta_min), _real("beta_max", beta_max)
+        if not low > 0:
             raise ValueError(f"beta_min must be > 0, got {beta_min!r}")
-        if not beta_max >= beta_min:
-            raise ValueError(f"beta_max must be >= beta_min = {beta_min}, got {beta_max!r}")
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
+        if not high >= low:
+            raise ValueError(f"beta_max must be >= beta_min = {low}, got {beta_max!r}")
+        # alpha_0 = exp(-(beta_min + beta_max) / 4) must stay a normal fp32 number: beyond ~350 it underflows
+        # and the path's t = 0 end loses its meaning (sigma' = -alpha alpha' / sigma is then 0 * inf).
+        if low + high > 300.0:
+            raise ValueError(f"beta_min + beta_max must be <= 300 (alpha_0 = exp(-(beta_min + beta_max) / 4) "
+                             f"underflows fp32 beyond), got beta_min={beta_min!r}, beta_max={beta_max!r}")
+        self.beta_min = low
+        self.beta_max = high
         self.sigma_min = 0.0
 
     def _integrated_rate(self, tau: Tensor) -> Tensor:
@@ -113,14 +135,16 @@ class PolynomialPath(GaussianPath):
     """Polynomial convex schedule: ``alpha_t = t^n``, ``sigma_t = 1 - t^n``; ``t = (s / (1 + s))^(1/n)``.
 
     Args:
-        n: exponent, > 0 (``n = 1`` is Cond-OT with ``sigma_min = 0``).
+        n: exponent, finite and > 0 (``n = 1`` is Cond-OT with ``sigma_min = 0``). With ``n < 1``,
+            ``alpha'_t`` diverges at t = 0, so a model on this path needs ``t_eps > 0`` (its sampler checks).
     """
 
     def __init__(self, n: float = 2.0) -> None:
         super().__init__()
-        if not float(n) > 0:
+        value = _real("n", n)
+        if not value > 0:
             raise ValueError(f"n must be > 0, got {n!r}")
-        self.n = float(n)
+        self.n = value
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         a = t**self.n

@@ -38,7 +38,7 @@ class PathCoefficients:
 
     @property
     def beta(self) -> Tensor:
-        """``beta_t = sigma_t * d/dt (alpha_t / sigma_t) = alpha' - sigma' alpha / sigma`` (ko-math §1)."""
+        """``beta_t = sigma_t * d/dt (alpha_t / sigma_t) = alpha' - sigma' alpha / sigma`` (docs/math.md §1)."""
         return self.d_alpha - self.d_sigma * self.alpha / self.sigma
 
     # Conversions between parametrizations at these coefficients (shaped to broadcast against x_t); fp32.

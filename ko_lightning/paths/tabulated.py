@@ -128,14 +128,22 @@ class TabulatedPath(GaussianPath):
         values = {"alpha": torch.as_tensor(alpha), "sigma": torch.as_tensor(sigma)}
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"t must be a 1D grid with at least 2 points, got shape {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()) or not bool((t[1:] > t[:-1]).all()):
-            raise ValueError("t must be finite and strictly increasing")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must be a real tensor of times, got dtype {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"t has {int((~torch.isfinite(t)).sum())} non-finite value(s); the grid must be finite")
+        if not bool((t[1:] > t[:-1]).all()):
+            k = int(torch.nonzero(t[1:] <= t[:-1])[0])
+            raise ValueError(f"t must be strictly increasing, but t[{k + 1}] = {float(t[k + 1])!r} <= "
+                             f"t[{k}] = {float(t[k])!r}")
         if abs(float(t[0])) > 1e-7 or abs(float(t[-1]) - 1.0) > 1e-7:
             raise ValueError(f"t must run from 0 to 1, got [{float(t[0])}, {float(t[-1])}]")
         for name, given in (("d_alpha", d_alpha), ("d_sigma", d_sigma)):
             if given is not None:
                 values[name] = torch.as_tensor(given)
         for name, v in values.items():
+            if v.dtype == torch.bool or v.is_complex():
+                raise TypeError(f"{name} must be a real tensor, got dtype {v.dtype}")
             if v.shape != t.shape:
                 raise ValueError(f"{name} must have the grid's shape {tuple(t.shape)}, got {tuple(v.shape)}")
             if not bool(torch.isfinite(v).all()):

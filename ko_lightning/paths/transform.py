@@ -1,4 +1,4 @@
-"""Scale-time transformation: reuse a velocity model trained on one Gaussian path on another (ko-math §5)."""
+"""Scale-time transformation: reuse a velocity model trained on one Gaussian path on another (docs/math.md §5)."""
 
 from __future__ import annotations
 
