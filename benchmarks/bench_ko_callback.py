@@ -55,15 +55,31 @@ def measure(name: str, recipe: str, make_model, datamodule: L.LightningDataModul
     settings["plot"] = False
     # Step time without the callback.
     clock = _StepClock()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[clock])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
     trainer.fit(make_model(), datamodule)
     t_step = statistics.median(clock.times[5:])
     # Refreshes: the initialization plus `refreshes` periodic ones, at a short cadence (same work per refresh).
     timed = dict(settings, every_n_steps=5, warmup_steps=5)
     ko = KOScheduleCallback(**timed)
-    trainer = L.Trainer(max_steps=5 * refreshes, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[ko])
+    trainer = L.Trainer(
+        max_steps=5 * refreshes,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[ko],
+    )
     trainer.fit(make_model(), datamodule)
     init, periodic = ko.reports[0], ko.reports[1:]
     phases = {k: statistics.median(r.seconds[k] for r in periodic) for k in periodic[0].seconds}
@@ -72,9 +88,15 @@ def measure(name: str, recipe: str, make_model, datamodule: L.LightningDataModul
     n_periodic = sum(ko_full.is_refresh_step(s) for s in range(1, max_steps))
     overhead = (init.seconds["total"] + n_periodic * phases["total"]) / (max_steps * t_step)
     return {
-        "recipe": name, "estimator": settings.get("estimator", "data"), "max_steps": max_steps,
-        "every_n_steps": settings.get("every_n_steps"), "t_step": t_step, "init": init.seconds["total"],
-        "n_periodic": n_periodic, "phases": phases, "overhead": overhead,
+        "recipe": name,
+        "estimator": settings.get("estimator", "data"),
+        "max_steps": max_steps,
+        "every_n_steps": settings.get("every_n_steps"),
+        "t_step": t_step,
+        "init": init.seconds["total"],
+        "n_periodic": n_periodic,
+        "phases": phases,
+        "overhead": overhead,
     }
 
 
@@ -87,12 +109,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [
-        measure("checkerboard", "checkerboard.yaml",
-                lambda: FlowMatching(TimeMLP(dim=2, hidden=256, depth=4), parametrization="polar_v"),
-                Toy2DDataModule("checkerboard", n_train=200_000, batch_size=2048), steps=60, refreshes=3),
-        measure("digits", "digits.yaml",
-                lambda: FlowMatching(UNet(1, 8, 32, (1, 2, 2), 2, (4,)), parametrization="polar_v"),
-                DigitsDataModule(batch_size=256), steps=20, refreshes=3),
+        measure(
+            "checkerboard",
+            "checkerboard.yaml",
+            lambda: FlowMatching(TimeMLP(dim=2, hidden=256, depth=4), parametrization="polar_v"),
+            Toy2DDataModule("checkerboard", n_train=200_000, batch_size=2048),
+            steps=60,
+            refreshes=3,
+        ),
+        measure(
+            "digits",
+            "digits.yaml",
+            lambda: FlowMatching(UNet(1, 8, 32, (1, 2, 2), 2, (4,)), parametrization="polar_v"),
+            DigitsDataModule(batch_size=256),
+            steps=20,
+            refreshes=3,
+        ),
     ]
     lines = [
         "# KOScheduleCallback overhead",

@@ -47,8 +47,15 @@ def lightning_steps_per_s(dm: Toy2DDataModule, steps: int, warmup: int) -> float
     model = FlowMatching(make_net(), path=CondOTPath(), check_finite=True)
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
-        max_steps=steps + warmup, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+        max_steps=steps + warmup,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
     )
     trainer.fit(model, dm)
     return steps / (timer.end - timer.start)
@@ -90,8 +97,13 @@ def sample_seconds(n: int, nfe: int) -> tuple[float, float]:
     net = model.net
     with torch.no_grad():
         start = time.perf_counter()
-        odeint(lambda t, x: net(x, t.expand(n)), x0, torch.tensor([0.0, 1.0]), method="euler",
-               options={"grid_constructor": lambda f, y0, t: grid})
+        odeint(
+            lambda t, x: net(x, t.expand(n)),
+            x0,
+            torch.tensor([0.0, 1.0]),
+            method="euler",
+            options={"grid_constructor": lambda f, y0, t: grid},
+        )
         bare = time.perf_counter() - start
     return ours, bare
 
@@ -137,9 +149,15 @@ def main() -> None:
         "|---|---|",
         *[f"| {name} | {value:.4g} |" for name, value in rows],
         "",
-        "Per-repeat values: Lightning " + ", ".join(f"{v:.2f}" for v in lit)
-        + "; plain " + ", ".join(f"{v:.2f}" for v in plain)
-        + "; sample " + ", ".join(f"{v:.3f}" for v in ours) + "; odeint " + ", ".join(f"{v:.3f}" for v in bare) + ".",
+        "Per-repeat values: Lightning "
+        + ", ".join(f"{v:.2f}" for v in lit)
+        + "; plain "
+        + ", ".join(f"{v:.2f}" for v in plain)
+        + "; sample "
+        + ", ".join(f"{v:.3f}" for v in ours)
+        + "; odeint "
+        + ", ".join(f"{v:.3f}" for v in bare)
+        + ".",
     ]
     text = "\n".join(lines)
     print(text)

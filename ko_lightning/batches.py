@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_KEYS", "batch_data"]
+__all__ = ["DATA_KEYS", "batch_data", "check_batch"]
 
 #: dict keys that hold the data samples, tried in this order.
 DATA_KEYS: tuple[str, ...] = ("x", "x1", "data", "image", "images")
@@ -36,12 +36,61 @@ def batch_data(batch: Any, where: str = "batch") -> Tensor:
     elif isinstance(batch, dict):
         key = next((k for k in DATA_KEYS if k in batch), None)
         if key is None:
-            raise TypeError(f"{where}: a dict batch must hold its data under one of the keys {DATA_KEYS}, "
-                            f"got keys {sorted(map(str, batch))}")
+            raise TypeError(
+                f"{where}: a dict batch must hold its data under one of the keys {DATA_KEYS}, "
+                f"got keys {sorted(map(str, batch))}"
+            )
         x = batch[key]
     else:
         x = batch
     if not torch.is_tensor(x):
-        raise TypeError(f"{where}: expected a tensor, a tuple/list starting with one, or a dict with a key in "
-                        f"{DATA_KEYS}; got {type(x).__name__}")
+        raise TypeError(
+            f"{where}: expected a tensor, a tuple/list starting with one, or a dict with a key in "
+            f"{DATA_KEYS}; got {type(x).__name__}"
+        )
+    return x
+
+
+def check_batch(batch: Any, where: str, data_shape: tuple[int, ...] | None = None, check_finite: bool = True) -> Tensor:
+    """The data tensor of a training/validation ``batch`` (see :func:`batch_data`), checked for training on it.
+
+    Args:
+        batch: a tensor, a tuple/list starting with one, or a dict (:func:`batch_data`).
+        where: how errors name the batch (e.g. ``"train batch 3"``).
+        data_shape: the expected shape of one sample; None accepts any.
+        check_finite: also reject NaN/inf values (costs one device sync).
+
+    Returns:
+        The data tensor (not copied, not converted).
+
+    Raises:
+        TypeError: for a batch that is not a tensor, or whose dtype is not floating point (e.g. uint8 pixels:
+            normalize them to floats first).
+        ValueError: for an empty batch, samples of the wrong shape, or (``check_finite``) NaN/inf values, naming
+            ``where``.
+    """
+    if isinstance(batch, (list, tuple)) and len(batch) == 0:
+        raise ValueError(f"{where} is an empty {type(batch).__name__}: expected a tensor of samples")
+    x = batch_data(batch, where)
+    if x.ndim == 0:
+        raise ValueError(f"{where} is a 0-dim tensor: expected a batch of samples of shape (B, *data_shape)")
+    if x.shape[0] == 0 or x.numel() == 0:
+        # The mean loss over zero samples is NaN, and training would go on with it.
+        raise ValueError(
+            f"{where} is empty (shape {tuple(x.shape)}): the loss of zero samples is undefined; "
+            "check the data set split and the loader (e.g. a sampler that yields no indices)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{where} has dtype {x.dtype}; FlowMatching trains on floating point data in model space (e.g. "
+            "pixels mapped to [-1, 1]), and integer values such as 0..255 would be taken as coordinates. "
+            "Normalize the batch to floats first, e.g. with the data module's transform (ImageDataModule "
+            "maps uint8 pixels u to u / 127.5 - 1)"
+        )
+    if data_shape is not None and tuple(x.shape[1:]) != data_shape:
+        raise ValueError(f"{where}: samples have shape {tuple(x.shape[1:])}, expected data_shape {data_shape}")
+    if check_finite:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{where} contains {bad} non-finite value(s) (NaN or Inf)")
     return x

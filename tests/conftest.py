@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from kinetic_helpers import two_point_separation
 
+from kinetic_helpers import two_point_separation
 from ko_lightning.kinetic import SeparationFunction
 
 

@@ -13,13 +13,12 @@ error of at most ``gamma(n) * sum |terms|``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ko_lightning.kinetic import SeparationFunction, default_theta_grid, kinetic_energy, kinetic_energy_density
+from ko_lightning.kinetic import SeparationFunction, default_theta_grid, kinetic_energy_density
 from ko_lightning.paths import GaussianPath, TabulatedPath
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "PATH_COEFF_REL",
     "U32",
     "U64",
-    "fp32_sum_tol",
     "gamma",
     "hermite_table_rounding",
     "ke_fp32_tol",
@@ -47,19 +45,15 @@ ELEMENTARY_REL = 4 * U32
 
 
 def gamma(n: float, u: float = U32) -> float:
-    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of ``n`` accumulated roundings."""
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of ``n`` accumulated roundings.
+
+    A sum or dot product of ``n`` terms, in any order (sequential, pairwise, blocked, SIMD lanes, data chunks), is
+    within ``gamma(n) * sum |terms|``, so two machines or two chunkings of it differ by at most twice that.
+    ``u = U64`` for float64.
+    """
     if n * u >= 1:
         raise ValueError(f"gamma({n}) is unbounded for u = {u}")
     return n * u / (1 - n * u)
-
-
-def fp32_sum_tol(n_terms: float, abs_sum: Tensor | float, u: float = U32) -> Tensor | float:
-    """Worst-case rounding error of a sum or dot product of ``n_terms`` terms with ``sum |terms| = abs_sum``.
-
-    Valid for any summation order (sequential, pairwise, blocked, SIMD lanes, data chunks), so two machines or
-    two chunkings of the same sum differ by at most twice this. ``u = U64`` for float64 sums.
-    """
-    return gamma(n_terms, u) * abs_sum
 
 
 def softmax_mean_rounding_bound(
@@ -119,7 +113,9 @@ def max_gamma_slope(lam: SeparationFunction) -> float:
 PATH_COEFF_REL = 128 * U32
 
 
-def hermite_table_rounding(path: TabulatedPath, t: Tensor) -> dict[str, Tensor]:
+def hermite_table_rounding(
+    path: TabulatedPath, t: Tensor, node_err: float | None = None, slope_err: float | None = None
+) -> dict[str, Tensor]:
     """Worst-case fp32 rounding of ``path(t)`` (a TabulatedPath) against its exact cubic Hermite interpolant.
 
     Between nodes ``t_k < t < t_{k+1}`` (``h``, position ``w = (t - t_k) / h``), with ``M = max(|y_k|, |y_{k+1}|,
@@ -130,7 +126,10 @@ def hermite_table_rounding(path: TabulatedPath, t: Tensor) -> dict[str, Tensor]:
 
         value error <= 59u M,      slope error <= 3u max(|y_k|, |y_{k+1}|) / h + 101u S.
 
-    At a node (``w = 0``) only the table's rounding is left: ``u |y_k|`` and ``u |m_k|``.
+    At a node (``w = 0``) only the table's rounding is left: ``u |y_k|`` and ``u |m_k|``. A table made from fp32
+    values that were already off (e.g. TabulatedPath.from_path) passes ``node_err`` / ``slope_err``, absolute
+    bounds on its node values / slopes, instead: they enter as ``node_err`` on values and ``3 node_err / h +
+    2 slope_err`` on slopes (and ``h slope_err`` on values).
 
     Returns:
         ``{"alpha", "sigma", "d_alpha", "d_sigma"}`` error bounds shaped like ``t`` (float64).
@@ -146,8 +145,10 @@ def hermite_table_rounding(path: TabulatedPath, t: Tensor) -> dict[str, Tensor]:
         y0, y1, m0, m1 = y[idx].abs(), y[idx + 1].abs(), m[idx].abs(), m[idx + 1].abs()
         big_m = torch.stack([y0, y1, h * m0, h * m1]).amax(0)
         big_s = torch.stack([(y[idx + 1] - y[idx]).abs() / h, m0, m1]).amax(0)
-        out[value] = torch.where(at_node, U32 * y0, 59 * U32 * big_m)
-        out[slope] = torch.where(at_node, U32 * m0, 3 * U32 * torch.maximum(y0, y1) / h + 101 * U32 * big_s)
+        e_y = U32 * torch.maximum(y0, y1) if node_err is None else torch.full_like(h, node_err)
+        e_m = U32 * torch.maximum(m0, m1) if slope_err is None else torch.full_like(h, slope_err)
+        out[value] = torch.where(at_node, e_y, 58 * U32 * big_m + e_y + h * e_m)
+        out[slope] = torch.where(at_node, e_m, 3 * e_y / h + 2 * e_m + 99 * U32 * big_s)
     return out
 
 

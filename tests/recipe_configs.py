@@ -13,8 +13,14 @@ IMAGE_RECIPES = ("cifar10.yaml", "imagenet32.yaml", "imagenet64.yaml")
 ALL_RECIPES = ("checkerboard.yaml", "digits.yaml", *IMAGE_RECIPES)
 
 _CALLBACK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "KOScheduleCallback": {"warmup_steps": 2, "every_n_steps": 2, "n_queries": 16, "n_theta": 8, "max_data": 32,
-                           "batch_size": 16},
+    "KOScheduleCallback": {
+        "warmup_steps": 2,
+        "every_n_steps": 2,
+        "n_queries": 16,
+        "n_theta": 8,
+        "max_data": 32,
+        "batch_size": 16,
+    },
     "SampleReport": {"num_samples": 8, "euler_steps": [2]},
 }
 
@@ -43,8 +49,15 @@ def shrink_recipe(
     directory.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((RECIPES / recipe).read_text())
     trainer = config["trainer"]
-    trainer.update(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps,
-                   val_check_interval=max_steps, limit_val_batches=1, default_root_dir=str(directory))
+    trainer.update(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        val_check_interval=max_steps,
+        limit_val_batches=1,
+        default_root_dir=str(directory),
+    )
     trainer["logger"]["init_args"]["save_dir"] = str(directory)
     for callback in trainer.get("callbacks", []):
         args = callback.setdefault("init_args", {})

@@ -31,8 +31,11 @@ def _model(**kwargs) -> FlowMatching:
 
 # ---------------------------------------------------------------------------------------------------- batches
 @pytest.mark.parametrize("stage", ["train", "val", "test"])
-@pytest.mark.parametrize("batch", [torch.zeros(0, 2), [torch.zeros(0, 2)], [], torch.zeros(4, 0)],
-                         ids=["tensor", "tuple", "empty-list", "zero-width"])
+@pytest.mark.parametrize(
+    "batch",
+    [torch.zeros(0, 2), [torch.zeros(0, 2)], [], torch.zeros(4, 0)],
+    ids=["tensor", "tuple", "empty-list", "zero-width"],
+)
 def test_empty_batch_names_stage_and_index_and_changes_nothing(stage: str, batch) -> None:
     model = _model()  # data_shape unknown: it must not be inferred from a rejected batch
     step = {"train": model.training_step, "val": model.validation_step, "test": model.test_step}[stage]
@@ -152,8 +155,11 @@ def test_bad_step_budget_is_named(value) -> None:
 def test_nan_velocity_under_an_adaptive_solver_says_so() -> None:
     # torchdiffeq reports this as an AssertionError "underflow in dt 0.0" (the step size becomes NaN, then 0).
     nan_after_half = _CallLimit(lambda x, t: torch.where(t[:, None] < 0.5, -x, x * math.nan), limit=100_000)
-    with pytest.raises(SolverError, match=r"the velocity returned NaN or inf at t = 0\.\d+ of \[0, 1\] \(in the step "
-                       r"from t = 0\.\d+\) under dopri5 \(atol=1e-05, rtol=1e-05") as info:
+    with pytest.raises(
+        SolverError,
+        match=r"the velocity returned NaN or inf at t = 0\.\d+ of \[0, 1\] \(in the step "
+        r"from t = 0\.\d+\) under dopri5 \(atol=1e-05, rtol=1e-05",
+    ) as info:
         integrate(nan_after_half, torch.ones(4, 2), SolverSpec("dopri5"))
     assert 0.5 < info.value.t <= 1.0  # a time at which the velocity really was NaN
 
@@ -189,8 +195,9 @@ def test_non_finite_or_out_of_range_path_arguments_are_named(make, match: str) -
         make()
 
 
-@pytest.mark.parametrize("make", [lambda: VPPath(beta_max="20"), lambda: CondOTPath(sigma_min=None),
-                                  lambda: PolynomialPath(n=True)])
+@pytest.mark.parametrize(
+    "make", [lambda: VPPath(beta_max="20"), lambda: CondOTPath(sigma_min=None), lambda: PolynomialPath(n=True)]
+)
 def test_non_numeric_path_arguments_are_type_errors(make) -> None:
     with pytest.raises(TypeError, match="must be a real number"):
         make()
@@ -227,8 +234,14 @@ def test_bad_tables_are_named_and_leave_the_path_unchanged(edit, match: str) -> 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def _save(module: L.LightningModule, file: Path) -> Path:
-    trainer = L.Trainer(logger=False, max_steps=0, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, default_root_dir=file.parent)
+    trainer = L.Trainer(
+        logger=False,
+        max_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=file.parent,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(file)
     return file
@@ -253,8 +266,9 @@ def test_checkpoint_without_package_state_warns_and_keeps_the_constructor_path(t
     del checkpoint["ko_lightning"]
     torch.save(checkpoint, file)
     with pytest.warns(UserWarning, match=r"no 'ko_lightning' entry.*path stays the constructor's CondOTPath"):
-        loaded = FlowMatching.load_from_checkpoint(file, net=TimeMLP(dim=2, hidden=8, depth=1),
-                                                   path=CondOTPath(), weights_only=False)
+        loaded = FlowMatching.load_from_checkpoint(
+            file, net=TimeMLP(dim=2, hidden=8, depth=1), path=CondOTPath(), weights_only=False
+        )
     assert isinstance(loaded.path, CondOTPath)
     for k, v in source.state_dict().items():  # the weights did load
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=0, rtol=0)
@@ -263,8 +277,9 @@ def test_checkpoint_without_package_state_warns_and_keeps_the_constructor_path(t
 def test_checkpoint_with_another_parametrization_names_both_and_changes_nothing(tmp_path: Path) -> None:
     file = _save(_model(data_shape=(2,), path=CosinePath()), tmp_path / "velocity.ckpt")
     with pytest.raises(ValueError, match=r"saved with parametrization='velocity'.*has parametrization='x1'"):
-        FlowMatching.load_from_checkpoint(file, net=TimeMLP(dim=2, hidden=8, depth=1), parametrization="x1",
-                                          weights_only=False)
+        FlowMatching.load_from_checkpoint(
+            file, net=TimeMLP(dim=2, hidden=8, depth=1), parametrization="x1", weights_only=False
+        )
     # Directly on a live module: the path and data shape stay as they were.
     target = _model(parametrization="eps", path=CondOTPath(sigma_min=0.1), data_shape=None)
     checkpoint = torch.load(file, weights_only=False)

@@ -57,7 +57,13 @@ def _noisy(images: Tensor, std: float, seed: int) -> Tensor:
 
 def _metrics(gen: Tensor, ref: Tensor | None, weights: Path, cache: Path, name: str | None) -> FidKidResult:
     return compute_fid_kid(
-        gen, ref, reference_name=name, cache_dir=cache, weights_path=weights, kid_subset_size=100, kid_subsets=5,
+        gen,
+        ref,
+        reference_name=name,
+        cache_dir=cache,
+        weights_path=weights,
+        kid_subset_size=100,
+        kid_subsets=5,
         cuda=False,
     )
 
@@ -115,7 +121,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, Path], None], str, str]] = {
     # name: (damage, file named in the message, what the message says)
     "truncated features": (lambda n, f: _truncate(f), "features", "has SHA-256 .* its note records"),
     "truncated features, forged hash": (
-        lambda n, f: (_truncate(f), _rehash(n, f)), "features", "is not a readable features archive",
+        lambda n, f: (_truncate(f), _rehash(n, f)),
+        "features",
+        "is not a readable features archive",
     ),
     "features deleted": (lambda n, f: f.unlink(), "features", "cannot be read"),
     "truncated note": (lambda n, f: _truncate(n), "note", "is not valid JSON"),
@@ -214,7 +222,7 @@ def test_the_digits_classifier_cache_is_retrained_unless_certified(
         warnings.simplefilter("error")
         again = load_digits_classifier(cache_dir=tmp_path)  # certified: loaded, not retrained
     assert fake_training == [0]
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
     damage(note, weights)
     with pytest.warns(UserWarning, match=rf"{re.escape(str(weights))}' is not used .*{message}"):
         load_digits_classifier(cache_dir=tmp_path)
@@ -239,8 +247,15 @@ def test_a_truncated_explicit_weights_file_is_an_error_naming_it(tmp_path: Path,
     sha = hashlib.sha256(inception.read_bytes()).hexdigest()
     rgb = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     with pytest.raises(ValueError, match=rf"{re.escape(str(inception))}' is not a readable Inception state dict"):
-        compute_fid_kid(rgb, rgb, feature_extractor="inception-v3-compat", weights_path=inception,
-                        weights_sha256=sha, kid=False, cuda=False)
+        compute_fid_kid(
+            rgb,
+            rgb,
+            feature_extractor="inception-v3-compat",
+            weights_path=inception,
+            weights_sha256=sha,
+            kid=False,
+            cuda=False,
+        )
 
 
 def test_under_ddp_a_cache_failure_on_one_rank_stops_every_rank(

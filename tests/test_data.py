@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
-from kinetic_helpers import U32
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch import Tensor
 
+from kinetic_helpers import U32
 from ko_lightning.data import (
     DigitsDataModule,
     ImageDataModule,
@@ -41,7 +41,8 @@ def _normalization_err(y: Tensor, mean: Tensor, scale: Tensor) -> Tensor:
 
 def _round_trip_err(x: Tensor, mean: Tensor) -> Tensor:
     """Bound on ``|denormalize(normalize(x)) - x|`` in fp32: ``(x - m) / s`` then ``* s + m`` with the same fp32 s
-    and m (the scale cancels exactly): two roundings of ``x - m`` in size, then of the result: ``u (3|x - m| + |x|)``."""
+    and m (the scale cancels exactly): two roundings of ``x - m`` in size, then of the result:
+    ``u (3|x - m| + |x|)``."""
     x = x.double()
     return U32 * (3 * (x - mean.double()).abs() + x.abs())
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from kinetic_helpers import U32, U64, gamma
 
+from kinetic_helpers import U32, U64, gamma
 from ko_lightning.metrics import mmd_rbf, sliced_wasserstein
 
 
@@ -65,6 +65,7 @@ def test_mmd_separates_distributions() -> None:
     x, y = torch.randn(800, 2, generator=g), torch.randn(800, 2, generator=g)
     same = float(mmd_rbf(x, y))
     shifted = float(mmd_rbf(torch.randn(800, 2, generator=g), torch.randn(800, 2, generator=g) + 0.5))
+
     # Threshold: 4 standard errors of the unbiased MMD^2 under equal distributions, Var = 2 E[h^2] / (n (n - 1))
     # for the U-statistic kernel h(i, j) = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i), estimated here.
     def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,17 @@ def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``command`` in a new session; on timeout kill every process of it (all ranks) and fail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MASTER_PORT", None)
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True) as proc:
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    ) as proc:
         try:
             output, _ = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            pytest.fail(f"{' '.join(command)} did not finish in {TIMEOUT_S} s (deadlock?); last output:\n"
-                        f"{output[-3000:]}")
+            pytest.fail(
+                f"{' '.join(command)} did not finish in {TIMEOUT_S} s (deadlock?); last output:\n{output[-3000:]}"
+            )
     return subprocess.CompletedProcess(command, proc.returncode, output, "")
 
 
@@ -50,8 +52,21 @@ def ko_lightning_command() -> list[str]:
 def test_readme_torchrun_launch_of_the_default_demo_finishes_with_every_output(tmp_path) -> None:
     """The reported deadlock, exactly: the embedded demo (KO refresh, picture, CSV logger, sample report) on two
     torchrun ranks hung at the first refresh, since rank 0 alone called the collective ``trainer.log_dir``."""
-    done = launch(torchrun(*ko_lightning_command(), "fit", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                           "--trainer.strategy", "ddp", "--trainer.max_steps", "60"), tmp_path)
+    done = launch(
+        torchrun(
+            *ko_lightning_command(),
+            "fit",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "60",
+        ),
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "KO refresh at step 0" in done.stdout
     run_dir = tmp_path / "runs" / "checkerboard" / "version_0"
@@ -64,14 +79,16 @@ def test_readme_torchrun_launch_of_the_default_demo_finishes_with_every_output(t
 def test_every_recipe_and_both_refresh_failures_under_torchrun(tmp_path) -> None:
     """Every shipped recipe at toy size on two ranks (KO, EMA, bf16, checkpoints, report as configured), then a
     refresh that fails on rank 0 (solve) and one that fails on rank 1 only (estimate): both ranks must end."""
-    configs = [shrink_recipe(recipe, tmp_path / recipe.removesuffix(".yaml"), devices=2, strategy="ddp")
-               for recipe in ALL_RECIPES]
+    configs = [
+        shrink_recipe(recipe, tmp_path / recipe.removesuffix(".yaml"), devices=2, strategy="ddp")
+        for recipe in ALL_RECIPES
+    ]
     jobs = [f"config:{c}" for c in configs] + ["fail:solve", "fail:estimate"]
     done = launch(torchrun(str(SCRIPTS / "ddp_torchrun_jobs.py"), str(tmp_path), *jobs), tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert [r["job"] for r in rank0] == [r["job"] for r in rank1] == jobs
-    for recipe, a, b in zip(ALL_RECIPES, rank0, rank1):
+    for recipe, a, b in zip(ALL_RECIPES, rank0[: len(ALL_RECIPES)], rank1[: len(ALL_RECIPES)], strict=True):
         assert a["finished"] and b["finished"], (recipe, a["error"], b["error"])
         assert a["global_step"] == b["global_step"] == 4
         assert a["refreshes"] == b["refreshes"] == [0, 2]  # init and step 2; none at the last step

@@ -115,12 +115,16 @@ def test_fid_grows_monotonically_with_noise(cache_dir: Path, digits: dict[str, T
     levels = [0.0, 0.1, 0.2, 0.3, 0.5]
     fids = [
         compute_fid_kid(
-            _noisy(digits["test"], s), digits["train"], reference_name="digits-train", cache_dir=cache_dir,
-            kid=False, cuda=False,
+            _noisy(digits["test"], s),
+            digits["train"],
+            reference_name="digits-train",
+            cache_dir=cache_dir,
+            kid=False,
+            cuda=False,
         ).fid
         for s in levels
     ]
-    assert all(b > a for a, b in zip(fids, fids[1:])), fids
+    assert all(b > a for a, b in zip(fids[:-1], fids[1:], strict=True)), fids
     assert fids[-1] > 2.0 * fids[0]
     # The clean held-out split is close to the training split, but not identical.
     assert 0.0 < fids[0] < 5.0
@@ -264,8 +268,14 @@ def test_inception_runs_from_a_local_weights_file(tmp_path: Path) -> None:
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     gray = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))  # 1 channel: repeated to RGB
     result = compute_fid_kid(
-        gray, 1.0 - gray, feature_extractor="inception-v3-compat", weights_path=weights, weights_sha256=sha,
-        feature_layer="64", kid_subset_size=4, cuda=False,
+        gray,
+        1.0 - gray,
+        feature_extractor="inception-v3-compat",
+        weights_path=weights,
+        weights_sha256=sha,
+        feature_layer="64",
+        kid_subset_size=4,
+        cuda=False,
     )
     assert result.feature_layer == "64" and result.feature_extractor == "inception-v3-compat"
     assert math.isfinite(result.fid) and result.fid > 1e-4 and result.kid_mean is not None
@@ -321,7 +331,10 @@ def test_all_gather_samples_across_two_gloo_processes(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _DDP_SCRIPT, str(r), str(world), str(port), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(world)
     ]
@@ -330,7 +343,7 @@ def test_all_gather_samples_across_two_gloo_processes(tmp_path: Path) -> None:
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, logs):
+    for p, (_, err) in zip(procs, logs, strict=True):
         assert p.returncode == 0, err[-3000:]
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     expected_rows = torch.cat([torch.full((2, 3), 0.0), torch.full((3, 3), 1.0)])

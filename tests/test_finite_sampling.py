@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ko_lightning import FlowMatching
-from ko_lightning.metrics.kinetic import model_kinetic_energy
+from ko_lightning.metrics.model_energy import model_kinetic_energy
 from ko_lightning.nets import TimeMLP
 from ko_lightning.paths import (
     CondOTPath,
@@ -54,14 +54,16 @@ def needs_t_eps(parametrization: str, path: str) -> bool:
 
 def _model(parametrization: str, path: GaussianPath, t_eps: float) -> FlowMatching:
     torch.manual_seed(0)  # a random network: the conversions, not its training, decide whether NaN appears
-    return FlowMatching(TimeMLP(dim=2, hidden=16, depth=2), path=path, parametrization=parametrization,
-                        t_eps=t_eps, data_shape=(2,)).eval()
+    return FlowMatching(
+        TimeMLP(dim=2, hidden=16, depth=2), path=path, parametrization=parametrization, t_eps=t_eps, data_shape=(2,)
+    ).eval()
 
 
 @pytest.mark.parametrize("path_name", list(PATHS))
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-def test_finite_samples_and_likelihoods_for_every_parametrization_and_path(parametrization: str,
-                                                                            path_name: str) -> None:
+def test_finite_samples_and_likelihoods_for_every_parametrization_and_path(
+    parametrization: str, path_name: str
+) -> None:
     t_eps = 1e-3 if needs_t_eps(parametrization, path_name) else 0.0
     model = _model(parametrization, PATHS[path_name](), t_eps)
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
@@ -78,8 +80,14 @@ def test_finite_samples_and_likelihoods_for_every_parametrization_and_path(param
 def test_eps_on_the_cosine_path_no_longer_samples_nan() -> None:
     """The reported case: CosinePath(), t_eps = 1e-3, output weighting; every sample used to be NaN."""
     torch.manual_seed(0)
-    model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), path=CosinePath(), parametrization="eps",
-                         t_eps=1e-3, loss_weighting="output", data_shape=(2,))
+    model = FlowMatching(
+        TimeMLP(dim=2, hidden=32, depth=2),
+        path=CosinePath(),
+        parametrization="eps",
+        t_eps=1e-3,
+        loss_weighting="output",
+        data_shape=(2,),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(2)
     for _ in range(50):  # briefly trained on N((1, -0.5), 0.25 I)
@@ -121,12 +129,14 @@ class _NaNAfter(nn.Module):
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_a_network_returning_nan_is_an_error_naming_parametrization_path_and_t(parametrization: str) -> None:
-    model = FlowMatching(_NaNAfter(0.5), path=CosinePath(), parametrization=parametrization, t_eps=1e-3,
-                         data_shape=(2,))
+    model = FlowMatching(
+        _NaNAfter(0.5), path=CosinePath(), parametrization=parametrization, t_eps=1e-3, data_shape=(2,)
+    )
     context = rf"FlowMatching\(parametrization='{parametrization}', path=CosinePath\(\), t_eps=0\.001\)"
     # Euler with 16 steps evaluates at t_k = 0.001 + 0.998 k / 16; the sparse checks (evaluations 1, 2, 4, 8, 16)
     # see finite values up to k = 7 (t = 0.4376) and NaN at k = 15 (t = 0.9366).
-    with pytest.raises(SolverError, match=rf"{context}: the solution came out non-finite .* euler \(steps=16\)") as info:
+    expected = rf"{context}: the solution came out non-finite .* euler \(steps=16\)"
+    with pytest.raises(SolverError, match=expected) as info:
         model.sample(16, steps=16)
     assert 0.5 < info.value.t <= 1.0 and "first seen at t = 0.9366" in str(info.value)
     with pytest.raises(SolverError, match=rf"{context}: the velocity returned NaN or inf at t = 0\.\d+ .* dopri5"):

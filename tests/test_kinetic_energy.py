@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from kinetic_helpers import PATH_COEFF_REL, U32, U64, gamma, ke_fp32_tol, max_gamma_slope
 from scipy import integrate
 
+from kinetic_helpers import PATH_COEFF_REL, U32, U64, gamma, ke_fp32_tol, max_gamma_slope
 from ko_lightning.kinetic import (
     SeparationFunction,
     default_theta_grid,
@@ -18,7 +18,6 @@ from ko_lightning.kinetic import (
     separation_sums_from_data,
 )
 from ko_lightning.paths import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, TabulatedPath, VPPath
-
 
 # One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,8 +64,9 @@ def _cartesian_density(schedule, lam: SeparationFunction, v: float = 1.0):
 
 def _cartesian_ke(schedule, lam: SeparationFunction, t_max: float = 1.0, v: float = 1.0) -> tuple[float, float]:
     """The integral of :func:`_cartesian_density` by adaptive quadrature (float64) and its error estimate."""
-    value, abserr = integrate.quad(_cartesian_density(schedule, lam, v), 0.0, t_max, limit=1000, epsabs=1e-7,
-                                   epsrel=1e-7)
+    value, abserr = integrate.quad(
+        _cartesian_density(schedule, lam, v), 0.0, t_max, limit=1000, epsabs=1e-7, epsrel=1e-7
+    )
     assert abserr < 1e-5
     return value, abserr
 
@@ -204,7 +204,9 @@ def test_monte_carlo_ke_identity_with_exact_marginal_velocity() -> None:
         # move the density by <= (12 + max|gamma'|) PATH_COEFF_REL (v alpha'^2 + sigma'^2) (see ke_fp32_tol:
         # |r'|, |r theta'| <= S = sqrt(v alpha'^2 + sigma'^2), theta within PATH_COEFF_REL).
         direct = separation_sums_from_data(
-            data.float(), torch.tensor([theta, theta + 1e-3], dtype=torch.float64), n_queries=10000,
+            data.float(),
+            torch.tensor([theta, theta + 1e-3], dtype=torch.float64),
+            n_queries=10000,
             generator=torch.Generator().manual_seed(1),
         ).lam[0]
         interpolation = abs(float(direct - lam.at_theta(torch.tensor([theta], dtype=torch.float64))[0]))

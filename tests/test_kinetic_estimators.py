@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from kinetic_helpers import U32, gamma, softmax_mean_rounding_bound, two_point_lam
 
+from kinetic_helpers import U32, gamma, softmax_mean_rounding_bound, two_point_lam
 from ko_lightning.data import sample_checkerboard
 from ko_lightning.kinetic import (
     DataNormalization,
@@ -23,7 +23,6 @@ from ko_lightning.kinetic import (
     solve_ko,
 )
 from ko_lightning.paths import CondOTPath, VPPath
-
 
 # One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +54,7 @@ def _reference_sums(data: torch.Tensor, theta: torch.Tensor, index: torch.Tensor
     for th in theta.tolist():
         a, s = math.sin(th), math.cos(th)
         x_t = a * yq + s * eps
-        w = torch.softmax(-torch.cdist(x_t, a * y) ** 2 / (2 * s * s), 1)
+        w = torch.softmax(-(torch.cdist(x_t, a * y) ** 2) / (2 * s * s), 1)
         post = w @ y
         mse.append(float(((yq - post) ** 2).sum(1).mean()) / y.shape[1])
         norm2.append(float((post**2).sum(1).mean()) / y.shape[1])
@@ -63,7 +62,16 @@ def _reference_sums(data: torch.Tensor, theta: torch.Tensor, index: torch.Tensor
 
 
 _SUM_FIELDS = (
-    "sq_error", "count", "sq_error_sq", "cv_sum", "cv_sq", "cv_cross", "cv2_sum", "cv2_sq", "cv2_cross", "cv12"
+    "sq_error",
+    "count",
+    "sq_error_sq",
+    "cv_sum",
+    "cv_sq",
+    "cv_cross",
+    "cv2_sum",
+    "cv2_sq",
+    "cv2_cross",
+    "cv12",
 )
 
 
@@ -81,7 +89,7 @@ def _reference_per_query(
     for th in theta.tolist():
         sn, cs = math.sin(th), math.cos(th)
         x_t = sn * yq + cs * eps
-        post = torch.softmax(-torch.cdist(x_t, sn * y) ** 2 / (2 * cs * cs), 1) @ y
+        post = torch.softmax(-(torch.cdist(x_t, sn * y) ** 2) / (2 * cs * cs), 1) @ y
         a = ((yq - post) ** 2).sum(1) / d
         a_rows.append(a)
         d1_rows.append(a - (1 - (post**2).sum(1) / d))
@@ -154,10 +162,20 @@ class _KernelRounding:
         e_m2 = float((2 * (y.abs() * dy).sum(1) + gamma(d) * k_sq).mean()) / d
         self.eps = eps
         # Per-angle copies of the shared inputs, so that each angle's bound sees only its own derivatives.
-        self.leaves = {"yq": yq.expand(n_g, n_q, d), "post": post, "m2": torch.full((n_g, 1), m2),
-                       "eta_a": torch.zeros_like(a), "eta_p": torch.zeros_like(p)}
-        self.errs = {"yq": dyq.expand(n_g, n_q, d), "post": dpost, "m2": torch.full((n_g, 1), e_m2),
-                     "eta_a": gamma(d + 3) * a, "eta_p": gamma(d + 2) * p}
+        self.leaves = {
+            "yq": yq.expand(n_g, n_q, d),
+            "post": post,
+            "m2": torch.full((n_g, 1), m2),
+            "eta_a": torch.zeros_like(a),
+            "eta_p": torch.zeros_like(p),
+        }
+        self.errs = {
+            "yq": dyq.expand(n_g, n_q, d),
+            "post": dpost,
+            "m2": torch.full((n_g, 1), e_m2),
+            "eta_a": gamma(d + 3) * a,
+            "eta_p": gamma(d + 2) * p,
+        }
 
     def sums(self, leaves: dict[str, torch.Tensor] | None = None) -> SeparationSums:
         """The kernel's sums as a function of the per-query inputs (float64; exact for the exact inputs)."""
@@ -172,8 +190,17 @@ class _KernelRounding:
         lin_eps = (self.eps * self.eps).sum(-1) / d - 1
         d2 = cs**4 * lin_y - 2 * sn * cs**3 * lin_cross + (sn * cs) ** 2 * lin_eps
         return SeparationSums(
-            self.theta, a.sum(1), torch.full_like(self.theta, float(a.shape[1])), (a * a).sum(1), d1.sum(1),
-            (d1 * d1).sum(1), (a * d1).sum(1), d2.sum(1), (d2 * d2).sum(1), (a * d2).sum(1), (d1 * d2).sum(1),
+            self.theta,
+            a.sum(1),
+            torch.full_like(self.theta, float(a.shape[1])),
+            (a * a).sum(1),
+            d1.sum(1),
+            (d1 * d1).sum(1),
+            (a * d1).sum(1),
+            d2.sum(1),
+            (d2 * d2).sum(1),
+            (a * d2).sum(1),
+            (d1 * d2).sum(1),
         )
 
     def bound(self, statistic) -> torch.Tensor:
@@ -184,7 +211,7 @@ class _KernelRounding:
             return torch.zeros_like(value).detach()
         grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
         total = torch.zeros_like(value)
-        for (name, _), grad in zip(leaves.items(), grads):
+        for (name, _), grad in zip(leaves.items(), grads, strict=True):
             if grad is not None:
                 total = total + (grad.abs() * self.errs[name]).flatten(1).sum(1)
         return total.detach()
@@ -292,9 +319,15 @@ def test_both_control_variates_match_float64_least_squares() -> None:
         _assert_within(sums.lam, 1 - _least_squares_estimate(a, [d1, d2]), bound["lam"], "lam")
         resid_var = torch.stack(
             [
-                ((a[g] - a[g].mean()) - torch.stack([d1[g] - d1[g].mean(), d2[g] - d2[g].mean()], 1)
-                 @ torch.linalg.lstsq(torch.stack([d1[g] - d1[g].mean(), d2[g] - d2[g].mean()], 1),
-                                      (a[g] - a[g].mean())[:, None]).solution[:, 0]).pow(2).mean()
+                (
+                    (a[g] - a[g].mean())
+                    - torch.stack([d1[g] - d1[g].mean(), d2[g] - d2[g].mean()], 1)
+                    @ torch.linalg.lstsq(
+                        torch.stack([d1[g] - d1[g].mean(), d2[g] - d2[g].mean()], 1), (a[g] - a[g].mean())[:, None]
+                    ).solution[:, 0]
+                )
+                .pow(2)
+                .mean()
                 for g in range(a.shape[0])
             ]
         )
@@ -341,8 +374,9 @@ def test_sums_fields_are_all_or_none_and_collinear_control_variates_fall_back() 
     assert (sums + d1_only).cv2_sum is None and (sums + d1_only).cv_sum is not None
     assert (sums + sums).cv12 is not None
     # D2 := D1 (exactly collinear): falls back to the single control variate, finite and equal to D1 alone.
-    dup = SeparationSums(**{**fields, "cv2_sum": sums.cv_sum, "cv2_sq": sums.cv_sq, "cv2_cross": sums.cv_cross,
-                            "cv12": sums.cv_sq})
+    dup = SeparationSums(
+        **{**fields, "cv2_sum": sums.cv_sum, "cv2_sq": sums.cv_sq, "cv2_cross": sums.cv_cross, "cv12": sums.cv_sq}
+    )
     # float64 arithmetic on O(1) sums, a few tens of operations: rounding <= ~1e-14, well inside 1e-12
     torch.testing.assert_close(dup.lam, d1_only.lam, rtol=0, atol=1e-12)
     torch.testing.assert_close(dup.standard_error, d1_only.standard_error, rtol=0, atol=1e-12)
@@ -480,7 +514,8 @@ def test_data_normalization() -> None:
     assert norm.second_moment == pytest.approx(float(((data - data.mean(0)) ** 2).mean()), rel=1e-12)
     y = norm.normalize(data).double()
     # normalize() is fp32 (the data are fp32 values): |y - exact| <= u (3 |y| + |mean| / sqrt(v)) (mean and scale
-    # rounded, subtraction, product), so the mean of y is within that of 0 and the mean of y^2 within 2 |y| times that of 1.
+    # rounded, subtraction, product), so the mean of y is within that of 0 and the mean of y^2 within 2 |y| times
+    # that of 1.
     y_err = U32 * (3 * y.abs() + norm.mean.abs() / math.sqrt(norm.second_moment))
     assert float((y.mean(0).abs() - y_err.mean(0)).max()) <= 0
     assert float((y**2).mean()) == pytest.approx(1.0, abs=float((2 * y.abs() * y_err + y_err**2).mean()))

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from kinetic_helpers import two_point_separation
 from scipy import optimize
 from sklearn.datasets import load_digits
 
+from kinetic_helpers import two_point_separation
 from ko_lightning.kinetic import (
     SeparationFunction,
     default_theta_grid,
@@ -19,7 +19,6 @@ from ko_lightning.kinetic import (
     solve_ko,
 )
 from ko_lightning.paths import CondOTPath, CosinePath, LinearVPPath, PolynomialPath, VPPath
-
 
 # One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+
 from kinetic_helpers import U64
-
 from ko_lightning.kinetic import SeparationFunction, default_theta_grid
-
 
 # One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")

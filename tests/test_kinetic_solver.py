@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from kinetic_helpers import U32, hermite_table_rounding, ke_fp32_tol, max_gamma_slope, two_point_separation
 
+from kinetic_helpers import U32, hermite_table_rounding, ke_fp32_tol, max_gamma_slope, two_point_separation
 from ko_lightning.kinetic import (
     DEFAULT_GAMMA_FLOORS,
     SeparationFunction,
@@ -16,7 +16,6 @@ from ko_lightning.kinetic import (
     solve_ko,
 )
 from ko_lightning.paths import CondOTPath, TabulatedPath
-
 
 # One intra-op thread (tests/conftest.py): the test machine's two cores are shared.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +88,7 @@ def test_theorem_3_1(lam_two_point) -> None:
         r = torch.sqrt(a * a + s * s)
         theta_dot = (s * da - a * ds) / r**2
         r_err = (a.abs() * e["alpha"] + s.abs() * e["sigma"]) / r
-        dot_err = (da.abs() * e["sigma"] + s.abs() * e["d_alpha"] + ds.abs() * e["alpha"] + a.abs() * e["d_sigma"])
+        dot_err = da.abs() * e["sigma"] + s.abs() * e["d_alpha"] + ds.abs() * e["alpha"] + a.abs() * e["d_sigma"]
         dot_err = dot_err / r**2 + 2 * theta_dot.abs() * r_err / r
         return {"r": r, "theta": torch.atan2(a, s), "theta_dot": theta_dot, "r_err": r_err, "dot_err": dot_err}
 
@@ -143,8 +142,10 @@ def test_regularization_price_and_consistency(d: int) -> None:
     # |coarse - fine| for any order >= 1; allow 2) and the fp32 rounding of both tables (ke_fp32_tol)
     fine = solve_ko(lam, gamma_floor=sol.gamma_floor, n_grid=4 * 512, n_theta=4 * 4096 + 1)
     ke_table, ke_fine = kinetic_energy(sol.path, lam), kinetic_energy(fine.path, lam)
-    tol = 2 * (abs(ke_table - ke_fine) + abs(sol.ke - fine.ke)) + ke_fp32_tol(sol.path, lam) + 2 * ke_fp32_tol(
-        fine.path, lam
+    tol = (
+        2 * (abs(ke_table - ke_fine) + abs(sol.ke - fine.ke))
+        + ke_fp32_tol(sol.path, lam)
+        + 2 * ke_fp32_tol(fine.path, lam)
     )
     assert ke_table == pytest.approx(sol.ke, abs=tol)
     # end points, finite bounded derivatives (theta' <= phi' / sqrt(eps), phi' <= |D| / r_min)

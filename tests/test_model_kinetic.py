@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kinetic_helpers import gamma, ke_fp32_tol
 
+from kinetic_helpers import gamma, ke_fp32_tol
 from ko_lightning.kinetic import SeparationFunction, kinetic_energy
-from ko_lightning.metrics.kinetic import model_kinetic_energy
+from ko_lightning.metrics.model_energy import model_kinetic_energy
 from ko_lightning.paths import CondOTPath, CosinePath, GaussianPath
 from ko_lightning.sampling import SolverSpec
 

@@ -22,12 +22,27 @@ def test_without_config_the_embedded_demo_is_used() -> None:
 
 
 def test_checkerboard_demo_trains_with_ko_and_writes_its_report(tmp_path) -> None:
-    cli = run_cli([
-        "fit", "--trainer.max_steps", "30", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.val_check_interval", "30", "--data.init_args.n_train", "8192", "--data.init_args.n_val", "1024",
-        "--data.init_args.n_test", "1024", "--model.lr_scheduler.init_args.T_max", "30",
-    ])
+    cli = run_cli(
+        [
+            "fit",
+            "--trainer.max_steps",
+            "30",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.val_check_interval",
+            "30",
+            "--data.init_args.n_train",
+            "8192",
+            "--data.init_args.n_val",
+            "1024",
+            "--data.init_args.n_test",
+            "1024",
+            "--model.lr_scheduler.init_args.T_max",
+            "30",
+        ]
+    )
     run_dir = Path(cli.trainer.log_dir)
     assert isinstance(cli.model.path, TabulatedPath)  # the KO path installed by the callback
     ko = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KOScheduleCallback))

@@ -13,7 +13,7 @@ in the same order on the same machine as the uninterrupted one, so there is no r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +79,31 @@ def _fit(root: Path, ckpt_path: Path | None, global_seed: int = 0) -> dict[str, 
     ema = EMAWeightAveraging(decay=0.9)
     # The model estimator makes the KO path depend on the trained weights (the data estimator would not see a
     # changed batch order).
-    ko = KOScheduleCallback(every_n_steps=5, warmup_steps=5, estimator="model", n_queries=256, n_theta=16, n_grid=64,
-                            max_data=1024, plot=False)
+    ko = KOScheduleCallback(
+        every_n_steps=5,
+        warmup_steps=5,
+        estimator="model",
+        n_queries=256,
+        n_theta=16,
+        n_grid=64,
+        max_data=1024,
+        plot=False,
+    )
     recorder = _Recorder()
-    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=CKPT_EVERY, save_top_k=-1,
-                                  filename="{step}")
+    checkpoints = ModelCheckpoint(
+        dirpath=root / "ckpt", every_n_train_steps=CKPT_EVERY, save_top_k=-1, filename="{step}"
+    )
     trainer = L.Trainer(
-        max_steps=MAX_STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
-        callbacks=[ema, ko, recorder, checkpoints], deterministic=True,
+        max_steps=MAX_STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        limit_val_batches=0,
+        callbacks=[ema, ko, recorder, checkpoints],
+        deterministic=True,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -96,8 +112,12 @@ def _fit(root: Path, ckpt_path: Path | None, global_seed: int = 0) -> dict[str, 
     state = {f"net.{k}": v for k, v in recorder.weights.items()}
     state.update({f"ema.{k}": v.detach().clone() for k, v in ema._average_model.state_dict().items()})
     state.update({f"path.{k}": v.detach().clone() for k, v in model.path.state_dict().items()})
-    return {"recorder": recorder, "state": state, "refreshes": ko.refresh_count,
-            "warnings": [str(w.message) for w in caught]}
+    return {
+        "recorder": recorder,
+        "state": state,
+        "refreshes": ko.refresh_count,
+        "warnings": [str(w.message) for w in caught],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +200,9 @@ def _ids(n: int) -> Tensor:
 @pytest.mark.parametrize("epoch", [0, 1])
 @pytest.mark.parametrize("k", [1, 2, 4, 5])
 def test_loader_state_resumes_at_any_position(epoch: int, k: int) -> None:
-    make: Callable[[], IndexBatchLoader] = lambda: make_loader(_ids(43), 8, shuffle=True, drop_last=True, seed=3)
+    def make() -> IndexBatchLoader:
+        return make_loader(_ids(43), 8, shuffle=True, drop_last=True, seed=3)
+
     reference = _epochs(make(), range(4))  # 5 batches per epoch
     state = _interrupt(make(), epoch, k)
     assert state == {"epoch": epoch, "batches": k, "num_batches": 5}
@@ -193,8 +215,9 @@ def test_loader_state_resumes_at_any_position(epoch: int, k: int) -> None:
         rest = list(_resume(resumed, state, epoch + 1))
         assert all(torch.equal(a, b) for a, b in zip(rest, reference[epoch + 1], strict=True))
     after = epoch + 2 if k == 5 else epoch + 1  # and the epoch after goes on as usual
-    assert all(torch.equal(a, b) for a, b in zip(_epochs(resumed, range(after, after + 1))[0], reference[after],
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_epochs(resumed, range(after, after + 1))[0], reference[after], strict=True)
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -217,8 +240,9 @@ def test_loader_state_reaches_the_shard_under_lightnings_distributed_wrapper(ran
 
 
 def test_loader_state_counts_delivered_not_prefetched_batches_with_a_worker() -> None:
-    make: Callable[[], IndexBatchLoader] = lambda: make_loader(_ids(64), 8, shuffle=True, drop_last=True, seed=3,
-                                                               num_workers=1)
+    def make() -> IndexBatchLoader:
+        return make_loader(_ids(64), 8, shuffle=True, drop_last=True, seed=3, num_workers=1)
+
     reference = _epochs(make(), range(1))[0]
     loader = make()
     state = _interrupt(loader, 0, 3)  # the worker has prefetched beyond batch 3 by now
@@ -245,7 +269,8 @@ def test_image_random_flips_repeat_on_resume_whatever_the_global_rng(tmp_path: P
     # The flips are random all the same: some images of the epoch are flipped, some not.
     dm = ImageDataModule(str(tmp_path / "d.npz"), batch_size=8, val_fraction=0.2, seed=0, random_flip=False)
     plain = _epochs(dm.train_dataloader(), range(2))
-    flipped = [bool(torch.equal(a, b.flip(-1))) for x, y in zip(reference[1], plain[1]) for a, b in zip(x, y)]
+    pairs = [(a, b) for x, y in zip(reference[1], plain[1], strict=True) for a, b in zip(x, y, strict=True)]
+    flipped = [bool(torch.equal(a, b.flip(-1))) for a, b in pairs]
     assert 0 < sum(flipped) < len(flipped)
 
 

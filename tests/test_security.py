@@ -101,8 +101,9 @@ def test_inception_hash_is_checked_before_the_file_is_read(tmp_path: Path, monke
     # The error names the file and both hashes.
     match = rf"weights_path='{re.escape(str(planted))}' has SHA-256 {actual}, expected {INCEPTION_WEIGHTS_SHA256}"
     with pytest.raises(ValueError, match=match):
-        compute_fid_kid(images, images, feature_extractor="inception-v3-compat", weights_path=planted, kid=False,
-                        cuda=False)
+        compute_fid_kid(
+            images, images, feature_extractor="inception-v3-compat", weights_path=planted, kid=False, cuda=False
+        )
     with pytest.raises(ValueError, match=match):
         extract_features(images, "inception-v3-compat", weights_path=planted, cuda=False)
     monkeypatch.setenv("KO_LIGHTNING_INCEPTION_WEIGHTS", str(planted))  # the environment variable: same check
@@ -118,12 +119,26 @@ def test_inception_file_with_a_trusted_hash_is_still_never_unpickled(tmp_path: P
     _plant(planted, marker)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     with pytest.raises(ValueError, match=rf"weights_path='{re.escape(str(planted))}' is not a readable Inception"):
-        compute_fid_kid(images, images, feature_extractor="inception-v3-compat", weights_path=planted,
-                        weights_sha256=_sha256(planted), kid=False, cuda=False)
+        compute_fid_kid(
+            images,
+            images,
+            feature_extractor="inception-v3-compat",
+            weights_path=planted,
+            weights_sha256=_sha256(planted),
+            kid=False,
+            cuda=False,
+        )
     assert not marker.exists()
     with pytest.raises(ValueError, match="weights_sha256 must be 64 hexadecimal digits"):
-        compute_fid_kid(images, images, feature_extractor="inception-v3-compat", weights_path=planted,
-                        weights_sha256="6726825d", kid=False, cuda=False)
+        compute_fid_kid(
+            images,
+            images,
+            feature_extractor="inception-v3-compat",
+            weights_path=planted,
+            weights_sha256="6726825d",
+            kid=False,
+            cuda=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------- digits weights
@@ -220,8 +235,11 @@ def test_an_unregistered_path_class_is_refused_and_nothing_is_imported(capsys: p
 
 def test_shipped_paths_round_trip_in_the_existing_format() -> None:
     # Checkpoints written before the registry name the class the same way and still load.
-    old_state = {"class": "ko_lightning.paths.analytic:VPPath", "init": {"beta_min": 0.3, "beta_max": 7.0},
-                 "buffers": {}}
+    old_state = {
+        "class": "ko_lightning.paths.analytic:VPPath",
+        "init": {"beta_min": 0.3, "beta_max": 7.0},
+        "buffers": {},
+    }
     vp = path_from_state(old_state)
     assert isinstance(vp, VPPath) and (vp.beta_min, vp.beta_max) == (0.3, 7.0)
     for path in (CondOTPath(), PolynomialPath(3.0), TabulatedPath.from_path(CondOTPath(), n=9)):
@@ -263,9 +281,16 @@ def test_a_planted_training_checkpoint_runs_no_code_on_load_or_resume(tmp_path: 
         return FlowMatching(TimeMLP(dim=2, hidden=16, depth=1))
 
     def trainer(steps: int) -> L.Trainer:
-        return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)
+        return L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
 
     dm = Toy2DDataModule("moons", n_train=256, n_val=64, n_test=64, batch_size=64)
     fit = trainer(2)

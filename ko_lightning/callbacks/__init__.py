@@ -1,6 +1,7 @@
-"""Lightning callbacks of ko_lightning."""
+"""Lightning callbacks of ko_lightning: the KO schedule refresh and the end-of-fit sample report."""
 
-from ko_lightning.callbacks.ko_schedule import KOScheduleCallback, RefreshOutcome, RefreshReport
-from ko_lightning.callbacks.report import SampleReport
+from ko_lightning.callbacks.ko_schedule import KOScheduleCallback
+from ko_lightning.callbacks.sample_report import SampleReport
+from ko_lightning.kinetic.refresh import RefreshOutcome, RefreshReport
 
 __all__ = ["KOScheduleCallback", "RefreshOutcome", "RefreshReport", "SampleReport"]

@@ -506,6 +506,10 @@ class NormalizedSplitDataModule(SplitTensorDataModule):
         self.scale: Tensor | None = None
         self._splits: dict[str, Tensor] = {}
 
+    def setup(self, stage: str | None = None) -> None:
+        """Fill ``mean``, ``scale`` and the splits (once); subclasses implement it."""
+        raise NotImplementedError
+
     def _split(self, split: str) -> Tensor:
         self.setup()
         return self._splits[split]

@@ -82,7 +82,7 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad headers
             raise _unreadable_image(f, err) from err
     mode = "L" if modes <= {"L"} else "RGB"
-    images = []
+    images: list[np.ndarray] = []
     for f in files:
         try:
             with Image.open(f) as im:
@@ -109,10 +109,10 @@ def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
-        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if lo < 0 or hi > 255:
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if low < 0 or high > 255:
             raise ValueError(
-                f"{source}: expected pixel values in [0, 255], got integer values in [{lo}, {hi}] ({array.dtype})"
+                f"{source}: expected pixel values in [0, 255], got integer values in [{low}, {high}] ({array.dtype})"
             )
         return array.astype(np.uint8)
     lo, hi = (float(array.min()), float(array.max())) if array.size and array.dtype != np.bool_ else (0.0, 0.0)

@@ -190,13 +190,14 @@ class Toy2DDataModule(NormalizedSplitDataModule):
             )
         self.save_hyperparameters(logger=False)
         self.name = name
+        self._sampler = TOY2D_SAMPLERS[name]  # LightningDataModule types ``name`` as Optional[str]
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.data_shape: tuple[int, ...] = (2,)
 
     # ------------------------------------------------------------------ data
     def _draw(self, n: int, split_id: int) -> Tensor:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, split_id))
-        return TOY2D_SAMPLERS[self.name](n, generator)
+        return self._sampler(n, generator)
 
     def setup(self, stage: str | None = None) -> None:
         """Draw and normalize all three sets (once; later calls do nothing)."""

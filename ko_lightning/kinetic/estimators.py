@@ -8,8 +8,8 @@ dividing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -121,7 +121,7 @@ class SeparationSums:
         kept = {name: add(name) for name in ("sq_error", "count", "sq_error_sq", *_CV1_FIELDS)}
         if kept["cv_sum"] is not None:
             kept.update({name: add(name) for name in _CV2_FIELDS})
-        return SeparationSums(self.theta, **kept)
+        return SeparationSums(self.theta, **kept)  # type: ignore[arg-type]  # the required fields are never None
 
     def _moments(self) -> tuple[Tensor, Tensor, Tensor]:
         """``mean(A)``, the correction ``b^T mean(D)`` and the per-sample variance of ``A - b^T D``."""
@@ -340,9 +340,7 @@ def separation_sums_from_queries(
     )
 
 
-def _mean_sq_norm(
-    flat: Tensor, norm: DataNormalization, dev: torch.device, data_chunk: int, y_buf: Tensor
-) -> float:
+def _mean_sq_norm(flat: Tensor, norm: DataNormalization, dev: torch.device, data_chunk: int, y_buf: Tensor) -> float:
     """``mean_i ||y_i||^2 / d`` of the normalized data (1 up to rounding when ``norm`` is the data's own)."""
     n, d = flat.shape
     total = 0.0
@@ -419,9 +417,7 @@ def estimate_separation_from_data(
         >>> bool(lam.at_snr(torch.tensor(10.0)) > 0.9)
         True
     """
-    sums = separation_sums_from_data(
-        x, theta, n_queries, normalization, generator, query_chunk, data_chunk, device
-    )
+    sums = separation_sums_from_data(x, theta, n_queries, normalization, generator, query_chunk, data_chunk, device)
     return sums.to_function(smoothing)
 
 

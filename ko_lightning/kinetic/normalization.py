@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,15 @@ class DataNormalization:
             raise ValueError(f"second_moment must be finite and > 0, got {self.second_moment!r}")
         if int(self.count) < 1:
             raise ValueError(f"count must be >= 1, got {self.count!r}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (the mean on the CPU)."""
+        return {"mean": self.mean.cpu(), "second_moment": self.second_moment, "count": self.count}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> DataNormalization:
+        """Rebuild what :meth:`state_dict` saved."""
+        return cls(state["mean"], float(state["second_moment"]), int(state["count"]))
 
     @classmethod
     def from_data(cls, x: Tensor, chunk: int = 8192) -> DataNormalization:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ko_lightning.paths.tabulated import pchip_slopes
+from ko_lightning.paths.hermite import cubic_hermite, pchip_slopes
 
 __all__ = ["SeparationFunction", "default_theta_grid"]
 
@@ -64,21 +64,6 @@ def _whittaker(y: Tensor, w: Tensor, mu: float) -> Tensor:
     d2[k, k], d2[k, k + 1], d2[k, k + 2] = 1.0, -2.0, 1.0
     a = torch.diag(w) + mu * d2.T @ d2
     return torch.linalg.solve(a, w * y)
-
-
-def hermite_eval(x_nodes: Tensor, y: Tensor, m: Tensor, x: Tensor) -> Tensor:
-    """Cubic Hermite interpolant through ``(x_nodes, y)`` with node slopes ``m``, evaluated at ``x`` (clamped)."""
-    idx = (torch.searchsorted(x_nodes, x.contiguous(), right=True) - 1).clamp(0, x_nodes.numel() - 2)
-    x0 = x_nodes[idx]
-    h = x_nodes[idx + 1] - x0
-    u = ((x - x0) / h).clamp(0.0, 1.0)
-    u2, u3 = u * u, u * u * u
-    return (
-        (2 * u3 - 3 * u2 + 1) * y[idx]
-        + (u3 - 2 * u2 + u) * h * m[idx]
-        + (-2 * u3 + 3 * u2) * y[idx + 1]
-        + (u3 - u2) * h * m[idx + 1]
-    )
 
 
 class SeparationFunction(nn.Module):
@@ -210,7 +195,7 @@ class SeparationFunction(nn.Module):
         th = theta.to(device=self.theta.device, dtype=torch.float64)  # differentiable in theta (used by tests)
         nodes = self.theta.double()
         g = self.gamma_nodes.double()
-        inner = hermite_eval(nodes, g, self.gamma_slopes.double(), th)
+        inner = cubic_hermite(nodes, g, self.gamma_slopes.double(), th, clamp=True)
         small = g[0] * (th / nodes[0]) ** 2 if bool(self.zero_at_origin) else g[0].expand_as(th)
         out = torch.where(th < nodes[0], small, torch.where(th > nodes[-1], g[-1].expand_as(th), inner))
         return out.clamp(0.0, 1.0).to(out_device)
@@ -221,17 +206,7 @@ class SeparationFunction(nn.Module):
         nodes = self.theta.detach().double().cpu().numpy()
         g = self.gamma_nodes.detach().double().cpu().numpy()
         m = self.gamma_slopes.detach().double().cpu().numpy()
-        idx = np.clip(np.searchsorted(nodes, th, side="right") - 1, 0, nodes.size - 2)
-        x0 = nodes[idx]
-        h = nodes[idx + 1] - x0
-        u = np.clip((th - x0) / h, 0.0, 1.0)
-        u2, u3 = u * u, u * u * u
-        inner = (
-            (2 * u3 - 3 * u2 + 1) * g[idx]
-            + (u3 - 2 * u2 + u) * h * m[idx]
-            + (-2 * u3 + 3 * u2) * g[idx + 1]
-            + (u3 - u2) * h * m[idx + 1]
-        )
+        inner = cubic_hermite(nodes, g, m, th, clamp=True)
         small = g[0] * (th / nodes[0]) ** 2 if bool(self.zero_at_origin) else np.full_like(th, g[0])
         out = np.where(th < nodes[0], small, np.where(th > nodes[-1], g[-1], inner))
         return np.clip(out, 0.0, 1.0)

@@ -52,7 +52,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -62,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ko_lightning.metrics.files import atomic_write_bytes, sha256_bytes
 
 __all__ = [
     "DIGITS_EXTRACTOR_NAME",
@@ -205,7 +206,7 @@ def train_digits_classifier(seed: int = 0) -> tuple[DigitsClassifier, DigitsTrai
     """
     images, labels = _digits_unit_images()
     order = torch.as_tensor(np.random.default_rng(seed).permutation(images.shape[0]))
-    n_heldout = int(round(_HELDOUT_FRACTION * images.shape[0]))
+    n_heldout = round(_HELDOUT_FRACTION * images.shape[0])
     heldout, train = order[:n_heldout], order[n_heldout:]
     x_train, y_train = images[train], labels[train]
 
@@ -254,24 +255,6 @@ _NOTE_FORMAT = "ko_lightning.digits_classifier/1"
 def digits_classifier_note_path(weights: Path) -> Path:
     """The JSON note that certifies a cached classifier file (same name, ``.json`` suffix)."""
     return weights.with_suffix(".json")
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a unique temporary file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @functools.cache
@@ -345,7 +328,7 @@ def _train_and_cache(path: Path, seed: int) -> tuple[DigitsClassifier, str]:
     torch.save({"state_dict": model.state_dict(), "info": vars(info) | {"version": _FORMAT_VERSION}}, buffer)
     data = buffer.getvalue()
     file_sha256 = sha256_bytes(data)
-    _atomic_write_bytes(data, path)
+    atomic_write_bytes(data, path)
     note = {
         "format": _NOTE_FORMAT,
         "file": path.name,
@@ -357,7 +340,7 @@ def _train_and_cache(path: Path, seed: int) -> tuple[DigitsClassifier, str]:
         "torch_version": torch.__version__,
     }
     # The note goes last: a crash in between leaves a file without a note, which is rebuilt, never trusted.
-    _atomic_write_bytes(json.dumps(note, indent=1).encode(), digits_classifier_note_path(path))
+    atomic_write_bytes(json.dumps(note, indent=1).encode(), digits_classifier_note_path(path))
     return model, file_sha256
 
 

@@ -12,7 +12,9 @@ __all__ = ["mmd_rbf", "sliced_wasserstein"]
 
 def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must be (N, D) and (M, D) with the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be (N, D) and (M, D) with the same D, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError("x and y need at least 2 samples each")
     return x.double(), y.double()

@@ -204,7 +204,7 @@ class UNet(nn.Module):
                 f"attention_resolutions={attention_resolutions} contains {unknown}, not a resolution of this network; "
                 f"its resolutions are {resolutions}"
             )
-        attn_widths = [w for w, r in zip(widths, resolutions) if r in attention_resolutions]
+        attn_widths = [w for w, r in zip(widths, resolutions, strict=True) if r in attention_resolutions]
         if mid_attention:
             attn_widths.append(widths[-1])
         if any(w % num_heads for w in attn_widths):
@@ -230,7 +230,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
         ch = base_channels
-        for level, (width, res) in enumerate(zip(widths, resolutions)):
+        for level, (width, res) in enumerate(zip(widths, resolutions, strict=True)):
             for _ in range(num_res_blocks):
                 self.down.append(_Stage(ResBlock(ch, width, emb_dim, dropout, groups), attention(width, res)))
                 ch = width
@@ -257,7 +257,8 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if self.conv_out.bias is not None:  # always, with Conv2d's default bias=True; narrows the type
+            nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Evaluate on images ``x`` of shape ``(B, in_channels, image_size, image_size)`` and conditioning ``t`` of

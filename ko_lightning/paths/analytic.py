@@ -85,8 +85,10 @@ class VPPath(GaussianPath):
         # alpha_0 = exp(-(beta_min + beta_max) / 4) must stay a normal fp32 number: beyond ~350 it underflows
         # and the path's t = 0 end loses its meaning (sigma' = -alpha alpha' / sigma is then 0 * inf).
         if low + high > 300.0:
-            raise ValueError(f"beta_min + beta_max must be <= 300 (alpha_0 = exp(-(beta_min + beta_max) / 4) "
-                             f"underflows fp32 beyond), got beta_min={beta_min!r}, beta_max={beta_max!r}")
+            raise ValueError(
+                f"beta_min + beta_max must be <= 300 (alpha_0 = exp(-(beta_min + beta_max) / 4) "
+                f"underflows fp32 beyond), got beta_min={beta_min!r}, beta_max={beta_max!r}"
+            )
         self.beta_min = low
         self.beta_max = high
         self.sigma_min = 0.0

@@ -109,9 +109,7 @@ def broadcast_time(t: Tensor, like: Tensor, name: str = "t") -> Tensor:
     if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
         t = t.reshape(1).expand(like.shape[0])
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"{name} must have shape (B,) with B = {like.shape[0]} (the batch size), got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (B,) with B = {like.shape[0]} (the batch size), got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -117,8 +117,11 @@ def path_from_state(state: dict[str, Any]) -> GaussianPath:
     buffers = state.get("buffers", {})
     if issubclass(cls, TabulatedPath):
         path: GaussianPath = cls(
-            buffers["t_grid"], buffers["alpha_grid"], buffers["sigma_grid"],
-            buffers["d_alpha_grid"], buffers["d_sigma_grid"],
+            buffers["t_grid"],
+            buffers["alpha_grid"],
+            buffers["sigma_grid"],
+            buffers["d_alpha_grid"],
+            buffers["d_sigma_grid"],
         )
     else:
         path = cls(**state.get("init", {}))

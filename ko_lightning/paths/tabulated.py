@@ -8,47 +8,11 @@ import torch
 from torch import Tensor
 
 from ko_lightning.paths.base import GaussianPath, PathCoefficients
+from ko_lightning.paths.hermite import HermiteSegments, pchip_slopes
 
 __all__ = ["TabulatedPath", "pchip_slopes"]
 
 _TABLE = ("t_grid", "alpha_grid", "sigma_grid", "d_alpha_grid", "d_sigma_grid")
-
-
-def pchip_slopes(x: Tensor, y: Tensor) -> Tensor:
-    """Shape-preserving (monotone) node slopes of Fritsch and Carlson / Fritsch and Butland.
-
-    Interior slope: 0 where the neighbouring secants change sign, else the weighted harmonic mean
-    ``(w1 + w2) / (w1 / d_{k-1} + w2 / d_k)`` with ``w1 = 2 h_k + h_{k-1}``, ``w2 = h_k + 2 h_{k-1}``.
-    End slopes: the one-sided three-point formula, limited so the end intervals stay monotone.
-
-    Args:
-        x: strictly increasing nodes, shape ``(N,)``, ``N >= 2``.
-        y: values, shape ``(N,)``.
-    """
-    h = x[1:] - x[:-1]
-    d = (y[1:] - y[:-1]) / h
-    if x.numel() == 2:
-        return torch.stack([d[0], d[0]])
-    m = torch.zeros_like(y)
-    w1 = 2 * h[1:] + h[:-1]
-    w2 = h[1:] + 2 * h[:-1]
-    same_sign = d[:-1] * d[1:] > 0
-    safe_prev = torch.where(same_sign, d[:-1], torch.ones_like(d[:-1]))
-    safe_next = torch.where(same_sign, d[1:], torch.ones_like(d[1:]))
-    harmonic = (w1 + w2) / (w1 / safe_prev + w2 / safe_next)
-    m[1:-1] = torch.where(same_sign, harmonic, torch.zeros_like(harmonic))
-
-    def end_slope(h0: Tensor, h1: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
-        s = ((2 * h0 + h1) * d0 - h0 * d1) / (h0 + h1)
-        if torch.sign(s) != torch.sign(d0):
-            return torch.zeros_like(s)
-        if torch.sign(d0) != torch.sign(d1) and s.abs() > 3 * d0.abs():
-            return 3 * d0
-        return s
-
-    m[0] = end_slope(h[0], h[1], d[0], d[1])
-    m[-1] = end_slope(h[-1], h[-2], d[-1], d[-2])
-    return m
 
 
 class TabulatedPath(GaussianPath):
@@ -58,7 +22,7 @@ class TabulatedPath(GaussianPath):
     cubic Hermite polynomial ``p = H00(u) y_k + h H10(u) m_k + H01(u) y_{k+1} + h H11(u) m_{k+1}`` and its time
     derivative is ``dp/dt`` of the same cubic, so values and derivatives are exactly consistent and C^1.
     Node slopes ``m`` are the given derivatives (e.g. from a solver) or, when omitted, shape-preserving PCHIP
-    slopes computed from the values.
+    slopes computed from the values (both from :mod:`ko_lightning.paths.hermite`).
 
     The table lives in buffers: it is saved in ``state_dict``, moves with ``.to(device)``, and a state dict with a
     grid of another length loads too (the buffers are resized).
@@ -134,8 +98,9 @@ class TabulatedPath(GaussianPath):
             raise ValueError(f"t has {int((~torch.isfinite(t)).sum())} non-finite value(s); the grid must be finite")
         if not bool((t[1:] > t[:-1]).all()):
             k = int(torch.nonzero(t[1:] <= t[:-1])[0])
-            raise ValueError(f"t must be strictly increasing, but t[{k + 1}] = {float(t[k + 1])!r} <= "
-                             f"t[{k}] = {float(t[k])!r}")
+            raise ValueError(
+                f"t must be strictly increasing, but t[{k + 1}] = {float(t[k + 1])!r} <= t[{k}] = {float(t[k])!r}"
+            )
         if abs(float(t[0])) > 1e-7 or abs(float(t[-1]) - 1.0) > 1e-7:
             raise ValueError(f"t must run from 0 to 1, got [{float(t[0])}, {float(t[-1])}]")
         for name, given in (("d_alpha", d_alpha), ("d_sigma", d_sigma)):
@@ -180,24 +145,10 @@ class TabulatedPath(GaussianPath):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
-        grid = self.t_grid
-        idx = torch.searchsorted(grid, t.contiguous(), right=True) - 1
-        idx = idx.clamp(0, grid.numel() - 2)
-        t0 = grid[idx]
-        h = grid[idx + 1] - t0
-        u = (t - t0) / h
-        u2, u3 = u * u, u * u * u
-        h00, h10, h01, h11 = 2 * u3 - 3 * u2 + 1, u3 - 2 * u2 + u, -2 * u3 + 3 * u2, u3 - u2
-        g01, g10, g11 = 6 * u - 6 * u2, 3 * u2 - 4 * u + 1, 3 * u2 - 2 * u  # d/du of the basis (H00' = -H01')
-
-        def hermite(y: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-            y0, y1, m0, m1 = y[idx], y[idx + 1], m[idx], m[idx + 1]
-            value = h00 * y0 + h10 * h * m0 + h01 * y1 + h11 * h * m1
-            slope = g01 * (y1 - y0) / h + g10 * m0 + g11 * m1
-            return value, slope
-
-        alpha, d_alpha = hermite(self.alpha_grid, self.d_alpha_grid)
-        sigma, d_sigma = hermite(self.sigma_grid, self.d_sigma_grid)
+        # One search for both coefficients; each is the cubic Hermite spline of its table (docs/math.md §4.3).
+        segments = HermiteSegments(self.t_grid, t)
+        alpha, d_alpha = segments.value_and_derivative(self.alpha_grid, self.d_alpha_grid)
+        sigma, d_sigma = segments.value_and_derivative(self.sigma_grid, self.d_sigma_grid)
         return PathCoefficients(alpha, sigma, d_alpha, d_sigma)
 
     def extra_repr(self) -> str:

@@ -33,8 +33,10 @@ class RecordingKO(KOScheduleCallback):
             "step": trainer.global_step,
             "estimator": est,
             "installed": report.installed,
-            "table": [b.detach().cpu().clone() for b in (path.t_grid, path.alpha_grid, path.sigma_grid,
-                                                         path.d_alpha_grid, path.d_sigma_grid)],
+            "table": [
+                b.detach().cpu().clone()
+                for b in (path.t_grid, path.alpha_grid, path.sigma_grid, path.d_alpha_grid, path.d_sigma_grid)
+            ],
             "lam_raw": self.separation.lam_raw.detach().cpu().clone(),
             "union_lam": None if union is None else union.lam.clamp(0, 1).cpu(),
         }
@@ -46,11 +48,28 @@ def main(out_dir: str) -> None:
     L.seed_everything(0)
     dm = Toy2DDataModule("checkerboard", n_train=4096, n_val=256, n_test=256, batch_size=256, seed=0)
     model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), parametrization="polar_v", train_seed=0)
-    ko = RecordingKO(out_dir, every_n_steps=6, warmup_steps=6, estimator="data+model", n_queries=64, n_theta=16,
-                     max_data=1024, batch_size=64, plot=False)
+    ko = RecordingKO(
+        out_dir,
+        every_n_steps=6,
+        warmup_steps=6,
+        estimator="data+model",
+        n_queries=64,
+        n_theta=16,
+        max_data=1024,
+        batch_size=64,
+        plot=False,
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=13, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[ko],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=13,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[ko],
     )
     trainer.fit(model, dm)
 

@@ -25,9 +25,18 @@ def main(out_dir: str) -> None:
     model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), train_seed=0)
     ko = KOScheduleCallback(every_n_steps=10, warmup_steps=10)  # every other setting at its default
     logger = CSVLogger(out_dir, name="spawn")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=25, default_root_dir=out_dir,
-                        logger=logger, callbacks=[ko, SampleReport(num_samples=500)],
-                        val_check_interval=10, limit_val_batches=1, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=25,
+        default_root_dir=out_dir,
+        logger=logger,
+        callbacks=[ko, SampleReport(num_samples=500)],
+        val_check_interval=10,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, dm)
     # ddp_spawn returns the trained weights to the main process, not the callbacks' state: read the files that the
     # spawned rank 0 wrote (the main process's own logger would pick a new version directory).

@@ -62,9 +62,17 @@ def failing_fit(where: str, out_dir: str) -> tuple[L.Trainer, FlowMatching]:
     dm = Toy2DDataModule("checkerboard", n_train=2048, n_val=256, n_test=256, batch_size=128, seed=0)
     model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), train_seed=0)
     ko = FailingKO(where, every_n_steps=3, warmup_steps=3, n_queries=64, n_theta=16, max_data=512)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, default_root_dir=out_dir,
-                        logger=L.pytorch.loggers.CSVLogger(out_dir, name=f"fail_{where}"), callbacks=[ko],
-                        enable_progress_bar=False, limit_val_batches=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        default_root_dir=out_dir,
+        logger=L.pytorch.loggers.CSVLogger(out_dir, name=f"fail_{where}"),
+        callbacks=[ko],
+        enable_progress_bar=False,
+        limit_val_batches=1,
+    )
     trainer.fit(model, dm)
     return trainer, model
 
@@ -81,9 +89,14 @@ def main(out_dir: str, jobs: list[str]) -> None:
                 trainer, model = cli.trainer, cli.model
             else:
                 trainer, model = failing_fit(arg, out_dir)
-            record.update(finished=True, global_step=trainer.global_step, path=path_digest(model),
-                          refreshes=[r.step for cb in trainer.callbacks if isinstance(cb, KOScheduleCallback)
-                                     for r in cb.reports])
+            record.update(
+                finished=True,
+                global_step=trainer.global_step,
+                path=path_digest(model),
+                refreshes=[
+                    r.step for cb in trainer.callbacks if isinstance(cb, KOScheduleCallback) for r in cb.reports
+                ],
+            )
         except Exception as err:  # noqa: BLE001 - recorded for the test to check
             record["error"] = f"{type(err).__name__}: {err}"
         records.append(record)

@@ -6,22 +6,25 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from typing_extensions import override
 
 from ko_lightning.batches import batch_data
+from ko_lightning.callbacks.protocol_check import require_protocol
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
+from ko_lightning.protocols import SamplingModule
 
 __all__ = ["SampleReport"]
 
 
 def _reference_samples(trainer: L.Trainer, n: int) -> Tensor | None:
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)  # set by Trainer.fit (None without a datamodule)
     if datamodule is None:
         return None
     try:
@@ -64,24 +67,30 @@ class SampleReport(L.Callback):
         self.rows: list[dict[str, Any]] = []
         self._run_dir: str | None = None
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_protocol(pl_module, SamplingModule, type(self).__name__)
         # Every rank runs setup: resolve the directory here, since trainer.log_dir is a collective that would hang
         # if called from rank 0 alone (on_fit_end below).
         self._run_dir = resolve_run_dir(trainer)
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module = cast(SamplingModule, pl_module)  # checked in setup
+        if module.data_shape is None:
+            raise RuntimeError("SampleReport: the module has no data_shape (it saw no training batch)")
         run_dir = self._run_dir
         if run_dir is not None:
             os.makedirs(run_dir, exist_ok=True)
         reference = _reference_samples(trainer, self.num_samples)
         gen = torch.Generator().manual_seed(self.seed)
-        x0 = torch.randn((self.num_samples, *pl_module.data_shape), generator=gen)
+        x0 = torch.randn((self.num_samples, *module.data_shape), generator=gen)
         samples: dict[int, Tensor] = {}
         self.rows = []
         for steps in self.euler_steps:
             start = time.perf_counter()
-            result = pl_module.sample(x0=x0, method="euler", steps=steps)
+            result = module.sample(x0=x0, method="euler", steps=steps)
             elapsed = time.perf_counter() - start
             x = result.samples.cpu()
             samples[steps] = x
@@ -118,8 +127,9 @@ class SampleReport(L.Callback):
             for c in columns:
                 table.add_column(c)
             for row in self.rows:
-                table.add_row(*(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
-                                for c in columns))
+                table.add_row(
+                    *(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
+                )
             Console().print(table)
         except ImportError:  # pragma: no cover - rich is a dependency; keep the report if it is missing
             print("\n".join(lines))
@@ -132,7 +142,7 @@ class SampleReport(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         panels = [(f"Euler {k} steps", v) for k, v in samples.items()]
         if reference is not None:
             panels.append(("held-out data", reference))
@@ -146,7 +156,7 @@ class SampleReport(L.Callback):
             pad = 0.15 * (hi - lo)
             extent = [[lo - pad, hi + pad], [lo - pad, hi + pad]]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-        for ax, (title, x) in zip(axes[0], panels):
+        for ax, (title, x) in zip(axes[0], panels, strict=True):
             if first.ndim == 2 and first.shape[1] == 2:
                 if datamodule is not None and hasattr(datamodule, "denormalize"):
                     x = datamodule.denormalize(x)
@@ -166,7 +176,7 @@ def _image_grid(x: Tensor, datamodule: Any) -> Any:
     if datamodule is not None and hasattr(datamodule, "to_display"):
         x = datamodule.to_display(x)
     else:
-        x = ((x.clamp(-1, 1) + 1) / 2)
+        x = (x.clamp(-1, 1) + 1) / 2
     if x.ndim == 2:  # flattened square images
         side = int(math.isqrt(x.shape[1]))
         x = x.reshape(-1, 1, side, side)
@@ -176,6 +186,6 @@ def _image_grid(x: Tensor, datamodule: Any) -> Any:
     grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
     grid = grid.clamp(0, 1).permute(1, 2, 0)
     return (grid[..., 0] if c == 1 else grid).numpy()

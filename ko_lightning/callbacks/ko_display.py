@@ -1,21 +1,23 @@
-"""Rank-0 reporting of KO refreshes: a rich table in the console and a picture of lambda and the schedules."""
+"""Rank-0 display of KO refreshes: a rich table in the console and ``ko_schedule.png`` (lambda and the schedules).
+
+Pure output, no collectives: :class:`~ko_lightning.callbacks.KOScheduleCallback` calls it on rank 0 alone.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ko_lightning.kinetic import SeparationFunction, SeparationSums
+from ko_lightning.kinetic import RefreshReport, SeparationFunction, SeparationSums
 from ko_lightning.paths import CondOTPath, GaussianPath
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ko_lightning.callbacks.ko_schedule import RefreshReport
-
-__all__ = ["print_refresh_table", "save_schedule_picture"]
+__all__ = ["print_refresh_table", "publish_refresh", "save_schedule_picture"]
 
 
 def print_refresh_table(report: RefreshReport) -> None:
@@ -30,9 +32,14 @@ def print_refresh_table(report: RefreshReport) -> None:
     if not report.installed:
         table.add_row("installed", f"no: {report.reason}")
     rows = [
-        ("Phi", report.phi), ("KE_min", report.ke_min), ("KE new path", report.ke_new),
-        ("KE previous path", report.ke_old), ("KE Cond-OT", report.ke_cond_ot), ("gamma floor", report.gamma_floor),
-        ("max |alpha new - old|", report.max_delta_alpha), ("max |sigma new - old|", report.max_delta_sigma),
+        ("Phi", report.phi),
+        ("KE_min", report.ke_min),
+        ("KE new path", report.ke_new),
+        ("KE previous path", report.ke_old),
+        ("KE Cond-OT", report.ke_cond_ot),
+        ("gamma floor", report.gamma_floor),
+        ("max |alpha new - old|", report.max_delta_alpha),
+        ("max |sigma new - old|", report.max_delta_sigma),
     ]
     for name, value in rows:
         if not math.isnan(value):
@@ -51,7 +58,7 @@ def save_schedule_picture(
     sums: SeparationSums,
     sigma_min: float,
 ) -> str:
-    """Write ``<run_dir>/ko_schedule.png``: lambda(theta) with its estimate and bounds; alpha_t, sigma_t old/new/Cond-OT.
+    """Write ``<run_dir>/ko_schedule.png``: lambda(theta), its estimate and bounds; alpha_t, sigma_t old/new/Cond-OT.
 
     Pure file output, safe to call on one rank (the caller resolves ``run_dir`` on every rank beforehand).
 
@@ -91,3 +98,31 @@ def save_schedule_picture(
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def publish_refresh(
+    loggers: Sequence[Logger],
+    report: RefreshReport,
+    picture_dir: str | None,
+    separation: SeparationFunction | None,
+    old_schedule: tuple[Tensor, Tensor, Tensor] | None,
+    new_path: GaussianPath,
+    sums: SeparationSums,
+    sigma_min: float,
+) -> None:
+    """Log the refresh's ``ko/*`` metrics, print its table and (with a ``picture_dir``) draw ``ko_schedule.png``.
+
+    A picture that cannot be written is a warning: it is not worth stopping a run for.
+    """
+    for logger in loggers:
+        logger.log_metrics(report.metrics(), step=report.step)
+    print_refresh_table(report)
+    if picture_dir is None or separation is None:
+        return
+    try:
+        save_schedule_picture(picture_dir, report.step, separation, old_schedule, new_path, sums, sigma_min)
+    except Exception as err:  # noqa: BLE001 - any failure to draw or write
+        rank_zero_warn(
+            f"KOScheduleCallback: could not write ko_schedule.png into {picture_dir}: {type(err).__name__}: {err}",
+            category=RuntimeWarning,
+        )

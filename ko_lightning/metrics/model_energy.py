@@ -1,9 +1,10 @@
-"""Kinetic energy of a trained model along its own sampling trajectories."""
+"""Kinetic energy of a trained model along its own sampling trajectories (compare :mod:`ko_lightning.kinetic`,
+the kinetic energy of a path computed from data)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -33,9 +34,7 @@ class ModelKineticEnergy:
 
 
 @torch.no_grad()
-def model_kinetic_energy(
-    velocity: VelocityFn, x0: Tensor, solver: SolverSpec | None = None
-) -> ModelKineticEnergy:
+def model_kinetic_energy(velocity: VelocityFn, x0: Tensor, solver: SolverSpec | None = None) -> ModelKineticEnergy:
     """Kinetic energy of the flow ``dx/dt = v(x, t)`` started at noise ``x0``, integrated with the trajectory.
 
     Solves the augmented ODE ``d/dt (x, e) = (v(x, t), ||v(x, t)||^2 / D)`` from t = 0 to 1 with ``e_0 = 0``, so
