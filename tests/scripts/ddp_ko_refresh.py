@@ -72,6 +72,10 @@ def main(out_dir: str) -> None:
         callbacks=[ko],
     )
     trainer.fit(model, dm)
+    # gloo's teardown at interpreter exit aborts a rank now and then under ATEN_CPU_CAPABILITY=default (seen with
+    # plain Lightning too); destroying the process group first gives a clean exit.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
