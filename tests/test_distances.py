@@ -82,3 +82,14 @@ def test_distance_shape_errors() -> None:
         sliced_wasserstein(torch.randn(10, 2), torch.randn(10, 3))
     with pytest.raises(ValueError, match="at least 2 samples"):
         mmd_rbf(torch.randn(1, 2), torch.randn(10, 2))
+
+
+@pytest.mark.parametrize("metric", [sliced_wasserstein, mmd_rbf])
+def test_a_non_finite_sample_is_an_error_not_a_nan_distance(metric) -> None:
+    x, y = torch.randn(50, 2), torch.randn(60, 2)
+    y[7, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"y has 1 sample\(s\) with NaN or infinite"):
+        metric(x, y)
+    x[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"x has 1 sample\(s\) with NaN or infinite"):
+        metric(x, y)

@@ -17,6 +17,10 @@ def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         )
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError("x and y need at least 2 samples each")
+    for name, samples in (("x", x), ("y", y)):  # a NaN sample would make the distance a silent NaN
+        bad = int((~torch.isfinite(samples)).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"{name} has {bad} sample(s) with NaN or infinite coordinates")
     return x.double(), y.double()
 
 
