@@ -24,6 +24,26 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def fake_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace the digits classifier's training run (1-7 s) by seeded random weights: the cache logic is what the
+    cache and security tests check. The returned list records each call's seed."""
+    from ko_lightning.metrics import digits_features
+
+    calls: list[int] = []
+
+    def train(seed: int = 0) -> tuple[digits_features.DigitsClassifier, digits_features.DigitsTrainingInfo]:
+        calls.append(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + len(calls))
+            model = digits_features.DigitsClassifier()
+        model.heldout_accuracy = 0.5
+        return model.eval(), digits_features.DigitsTrainingInfo(seed, 0.5, 1, 1, 1, 0.0)
+
+    monkeypatch.setattr(digits_features, "train_digits_classifier", train)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def lam_two_point() -> SeparationFunction:
     """The separation function of two-point data {+u, -u} with ||u||^2 = 4 (see kinetic_helpers)."""

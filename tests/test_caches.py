@@ -19,10 +19,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from ko_lightning.metrics import digits_features
 from ko_lightning.metrics.digits_features import (
     DigitsClassifier,
-    DigitsTrainingInfo,
     digits_classifier_note_path,
     digits_classifier_path,
     load_digits_classifier,
@@ -177,23 +175,6 @@ def test_a_valid_entry_is_reused_and_other_images_are_refused(tmp_path: Path, di
 
 
 # ------------------------------------------------------------------------------------------ digits classifier
-@pytest.fixture
-def fake_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Replace the training run (1-7 s) by seeded random weights; the returned list records each call's seed."""
-    calls: list[int] = []
-
-    def train(seed: int = 0) -> tuple[DigitsClassifier, DigitsTrainingInfo]:
-        calls.append(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1000 + len(calls))
-            model = DigitsClassifier()
-        model.heldout_accuracy = 0.5
-        return model.eval(), DigitsTrainingInfo(seed, 0.5, 1, 1, 1, 0.0)
-
-    monkeypatch.setattr(digits_features, "train_digits_classifier", train)
-    return calls
-
-
 def _classifier_entry(cache: Path) -> tuple[Path, Path]:
     weights = digits_classifier_path(cache)
     return digits_classifier_note_path(weights), weights

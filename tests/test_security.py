@@ -12,7 +12,6 @@ import io
 import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from ko_lightning.metrics import digits_features
 from ko_lightning.metrics.digits_features import (
     DigitsClassifier,
-    DigitsTrainingInfo,
     digits_classifier_note_path,
     digits_classifier_path,
     load_digits_classifier,
@@ -142,23 +139,8 @@ def test_inception_file_with_a_trusted_hash_is_still_never_unpickled(tmp_path: P
 
 
 # --------------------------------------------------------------------------------------------- digits weights
-def _fake_training(calls: list[int]) -> Callable[[int], tuple[DigitsClassifier, DigitsTrainingInfo]]:
-    """A stand-in for the 1-7 s training run: seeded random weights (the cache logic is what is tested)."""
-
-    def train(seed: int = 0) -> tuple[DigitsClassifier, DigitsTrainingInfo]:
-        calls.append(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1000 + len(calls))
-            model = DigitsClassifier()
-        model.heldout_accuracy = 0.5
-        return model.eval(), DigitsTrainingInfo(seed, 0.5, 1, 1, 1, 0.0)
-
-    return train
-
-
-def test_planted_digits_classifier_files_never_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    monkeypatch.setattr(digits_features, "train_digits_classifier", _fake_training(calls))
+def test_planted_digits_classifier_files_never_run(tmp_path: Path, fake_training: list[int]) -> None:
+    calls = fake_training
     marker = tmp_path / "code-ran"
     load_digits_classifier(cache_dir=tmp_path)
     assert calls == [0]
