@@ -14,11 +14,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ko_lightning.angular_grid import AngleGrid
 from ko_lightning.likelihood import BitsPerDimResult, LogProbResult, bits_per_dim, log_prob
 from ko_lightning.likelihood.trace import DivergenceMethod
 from ko_lightning.ode import ADAPTIVE_METHODS, SolverSpec
 from ko_lightning.parametrizations import OutputParametrization
-from ko_lightning.paths import GaussianPath
+from ko_lightning.paths import SAMPLE_GRIDS, GaussianPath, SampleGrid
 from ko_lightning.sampling import SampleResult, integrate
 
 __all__ = ["DEFAULT_FIXED_STEPS", "ModelFlow", "check_noise", "initial_noise", "solve_range", "solver_spec"]
@@ -162,6 +163,20 @@ class ModelFlow:
             f"t_eps={self.t_eps:g})"
         )
 
+    def _grid(self, grid: SampleGrid | None, solver: SolverSpec, time_points: Tensor | None) -> SampleGrid:
+        """The grid a sample steps on (see :meth:`sample`); raises ``ValueError`` naming ``grid``."""
+        if grid is None:
+            fixed = solver.method not in ADAPTIVE_METHODS and time_points is None
+            return self.path.sample_grid if fixed else "time"
+        if grid not in SAMPLE_GRIDS:
+            raise ValueError(f"grid must be one of {SAMPLE_GRIDS} or None, got {grid!r}")
+        if grid == "angle" and (solver.method in ADAPTIVE_METHODS or time_points is not None):
+            raise ValueError(
+                f"grid='angle' is a grid of a fixed-step method without time_points, got method={solver.method!r}"
+                + ("" if time_points is None else " with time_points")
+            )
+        return grid
+
     def solve_range(self) -> tuple[float, float]:
         """``(t_eps, 1 - t_eps)`` after the checks of :func:`solve_range`."""
         return solve_range(self.path, self.parametrization, self.t_eps, self.device, self.context)
@@ -178,6 +193,7 @@ class ModelFlow:
         generator: torch.Generator | None = None,
         time_points: Tensor | None = None,
         max_num_steps: int | None = None,
+        grid: SampleGrid | None = None,
     ) -> SampleResult:
         """Samples: solve ``dx/dt = v(x, t)`` from noise ``x0 ~ N(0, I)`` at ``t_eps`` to ``1 - t_eps``, without grad.
 
@@ -195,13 +211,18 @@ class ModelFlow:
             max_num_steps: step attempts an adaptive method may take (default
                 :data:`~ko_lightning.ode.DEFAULT_MAX_NUM_STEPS`) before it stops with an error naming the method,
                 tolerances and the time reached.
+            grid: where a fixed-step method steps: ``"time"`` (equal steps in ``t``) or ``"angle"`` (equal steps in
+                the path's angle ``theta = atan(alpha / sigma)``, in the unit-radius frame ``x / r``;
+                :class:`~ko_lightning.angular_grid.AngleGrid`, docs/math.md §5.3). None: the path's
+                ``sample_grid`` (``"angle"`` for a solved KO path, ``"time"`` otherwise) for a fixed-step method
+                without ``time_points``, else ``"time"``.
 
         Returns:
             ``SampleResult(samples, nfe, trajectory, time_points)``; ``nfe`` is the exact number of network calls.
 
         Raises:
-            ValueError: naming the argument (``num_samples``, ``x0``, ``time_points``, a solver knob), or when the
-                parametrization's conversion is undefined at an end of ``[t_eps, 1 - t_eps]`` on this path.
+            ValueError: naming the argument (``num_samples``, ``x0``, ``time_points``, a solver knob, ``grid``), or
+                when the parametrization's conversion is undefined at an end of ``[t_eps, 1 - t_eps]`` on this path.
             ko_lightning.ode.SolverError: for a non-finite result (naming the parametrization, the path and the
                 time) or an adaptive solve that cannot finish.
         """
@@ -210,6 +231,11 @@ class ModelFlow:
         solver = solver_spec(method, steps, atol, rtol, max_num_steps)
         t_start, t_end = self.solve_range()
         x0 = initial_noise(num_samples, x0, self.data_shape, generator)
+        if self._grid(grid, solver, time_points) == "angle":
+            frame = AngleGrid(self.velocity, self.path, t_start, t_end, self.device)
+            y0 = x0.to(self.device).float() / frame.radius(t_start)
+            result = integrate(frame, y0, solver, t_start=0.0, t_end=1.0, context=self.context)
+            return SampleResult(samples=result.samples * frame.radius(t_end), nfe=result.nfe)
         return integrate(
             self.velocity,
             x0.to(self.device).float(),

@@ -37,7 +37,7 @@ from ko_lightning.parametrizations import (
     ParametrizationName,
     parametrization_from_name,
 )
-from ko_lightning.paths import CondOTPath, GaussianPath, PathCoefficients
+from ko_lightning.paths import CondOTPath, GaussianPath, PathCoefficients, SampleGrid
 from ko_lightning.sampling import SampleResult
 from ko_lightning.training_noise import draw_run_seed, step_randomness
 
@@ -309,12 +309,14 @@ class FlowMatching(L.LightningModule):
         generator: torch.Generator | None = None,
         time_points: Tensor | None = None,
         max_num_steps: int | None = None,
+        grid: SampleGrid | None = None,
     ) -> SampleResult:
         """Samples: solve ``dx/dt = v_theta(x, t)`` from ``x0 ~ N(0, I)`` at ``t_eps`` to ``1 - t_eps``, in eval mode.
-        Arguments, defaults and errors: :meth:`ko_lightning.model_flow.ModelFlow.sample`."""
+        Arguments, defaults and errors: :meth:`ko_lightning.model_flow.ModelFlow.sample` (``grid="angle"``, the
+        default on a solved KO path, steps equally in the path's angle)."""
         with self.eval_mode():
             return self._flow().sample(
-                num_samples, x0, method, steps, atol, rtol, generator, time_points, max_num_steps
+                num_samples, x0, method, steps, atol, rtol, generator, time_points, max_num_steps, grid
             )
 
     def log_prob(

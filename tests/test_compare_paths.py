@@ -85,14 +85,23 @@ def _check_filled(result_dir: Path, paths: list[str], metric_keys: set[str]) -> 
         )
         for key in scalars:
             assert isinstance(r[key], float) and math.isfinite(r[key]), (r["name"], key, r[key])
-        assert list(r["solvers"]) == ["euler 2", "euler 4", "euler 8", "euler 16", "dopri5"]
+        steps = payload["config"]["eval"]["euler_steps"]
+        assert list(r["solvers"]) == [f"euler {n}" for n in steps] + ["dopri5"]
         for solver, metrics in r["solvers"].items():
             assert metric_keys <= set(metrics), (solver, metrics)
             assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), (solver, metrics)
         assert r["solvers"]["euler 4"]["nfe"] == 4.0 and r["solvers"]["dopri5"]["nfe"] >= 2
-        assert (r["ko"] is not None) == (r["name"] == "ko")
+        assert (r["ko"] is not None) == (r["name"] in ("ko", "ko_paper"))
     ko = next(r for r in payload["rows"] if r["name"] == "ko")["ko"]
     assert ko["installed"] >= 1 and math.isfinite(ko["phi"])
+    # the angle-grid row samples the Cond-OT model itself: same likelihood and dopri5 samples, other Euler samples
+    rows = {r["name"]: r for r in payload["rows"]}
+    if "cond_ot_angle" in rows:
+        plain, angle = rows["cond_ot"], rows["cond_ot_angle"]
+        quality = "sw2" if "sw2" in metric_keys else "fid"
+        assert angle["nll_bpd"] == plain["nll_bpd"] and angle["train_seconds"] == plain["train_seconds"]
+        assert angle["solvers"]["dopri5"][quality] == plain["solvers"]["dopri5"][quality]
+        assert angle["solvers"]["euler 2"][quality] != plain["solvers"]["euler 2"][quality]
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -100,6 +109,7 @@ def test_checkerboard_comparison_through_the_cli_fills_every_cell(tmp_path: Path
     raw = yaml.safe_load((ROOT / "recipes" / "compare_paths.yaml").read_text())
     raw.update(
         {
+            "paths": list(PATH_NAMES),
             "threads": 1,
             "data": {"name": "checkerboard", "n_train": 4096, "n_val": 64, "n_test": 512},
             "net": {"kind": "mlp", "hidden": 32, "depth": 2, "time_scale": 1.0},
@@ -138,6 +148,7 @@ def test_digits_comparison_with_a_tiny_unet_fills_every_cell(tmp_path: Path) -> 
     raw = yaml.safe_load((ROOT / "recipes" / "compare_paths_digits.yaml").read_text())
     raw.update(
         {
+            "paths": list(PATH_NAMES),
             "threads": 1,
             "out": str(tmp_path / "digits"),
             "net": {
@@ -269,9 +280,10 @@ def test_pixel_bpd_of_a_model_with_known_density_matches_the_direct_computation(
 # ----------------------------------------------------------------------------------------------- config errors
 def test_shipped_configs_load() -> None:
     board = load_config(ROOT / "recipes" / "compare_paths.yaml")
-    assert board.data_name == "checkerboard" and board.paths == list(PATH_NAMES)
-    assert board.parametrization == "polar_v" and board.t_eps_of("vp") == 1e-3 and board.t_eps_of("ko") == 0.0
-    assert board.ko_settings()["every_n_steps"] == 1000 and board.train.max_steps == 3000
+    assert board.data_name == "checkerboard" and board.paths == ["cond_ot", "cond_ot_angle", "cosine", "ko_paper", "ko"]
+    assert board.parametrization == "velocity" and board.t_eps_of("vp") == 1e-3 and board.t_eps_of("ko") == 0.0
+    assert board.ko_settings() == {"plot": False} and board.train.max_steps == 2000  # the package defaults
+    assert board.ko_settings("ko_paper")["gamma_floor"] == 0.01
     digits = load_config(ROOT / "recipes" / "compare_paths_digits.yaml", {"train.max_steps": 7, "paths": ["ko"]})
     assert digits.is_digits and digits.net["kind"] == "unet" and digits.train.max_steps == 7
     assert digits.paths == ["ko"] and digits.train.dequantize
@@ -309,3 +321,35 @@ def test_cli_reports_a_bad_key_and_exits(tmp_path: Path, capsys: pytest.CaptureF
         main(["--config", str(ROOT / "recipes" / "compare_paths.yaml"), "--eval.bogus", "1"])
     assert "--eval.bogus" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_aggregate_averages_seeds_and_judges_ko_against_the_better_baseline(tmp_path: Path) -> None:
+    from recipes.compare_paths.aggregate import aggregate
+
+    def run(seed: int, sw2: dict[str, float]) -> Path:
+        rows = [
+            {
+                "name": name,
+                "label": name,
+                "train_seconds": 10.0 + seed,
+                "nll_bpd": 1.0,
+                "solvers": {"euler 2": {"sw2": value, "nfe": 2.0}, "dopri5": {"sw2": value, "nfe": 100.0}},
+            }
+            for name, value in sw2.items()
+        ]
+        file = tmp_path / f"seed{seed}.json"
+        file.write_text(json.dumps({"data": "toy", "config": {"seed": seed}, "rows": rows}))
+        return file
+
+    # means: cond_ot 0.30, cosine 0.20, ko 0.2075 (within 5% of 0.20: a tie); standard error of ko over the two
+    # seeds: |0.205 - 0.21| / 2 = 0.0025
+    files = [run(0, {"cond_ot": 0.3, "cosine": 0.2, "ko": 0.205}), run(1, {"cond_ot": 0.3, "cosine": 0.2, "ko": 0.21})]
+    text = aggregate(files)
+    assert "2 seeds: 0, 1" in text
+    assert "| ko | 0.2075 ± 0.0025 |" in text
+    assert "euler 2: tie" in text
+    assert "Training time of KO (package defaults) / Cond-OT: 1.000." in text
+    files = [run(0, {"cond_ot": 0.3, "cosine": 0.2, "ko": 0.25})]
+    assert "euler 2: loss" in aggregate(files)
+    files = [run(0, {"cond_ot": 0.3, "cosine": 0.2, "ko": 0.19})]
+    assert "euler 2: win" in aggregate(files)

@@ -10,8 +10,10 @@ import torch
 
 from kinetic_helpers import U32, hermite_table_rounding, ke_fp32_tol, max_gamma_slope, two_point_separation
 from ko_lightning.kinetic import (
+    DEFAULT_GAMMA_FLOOR,
     DEFAULT_GAMMA_FLOORS,
     SeparationFunction,
+    default_theta_grid,
     kinetic_energy,
     solve_ko,
 )
@@ -129,7 +131,7 @@ def test_theorem_3_1(lam_two_point) -> None:
 @pytest.mark.parametrize("d", [1, 4, 64])
 def test_regularization_price_and_consistency(d: int) -> None:
     lam = two_point_separation(d)
-    sol = solve_ko(lam)
+    sol = solve_ko(lam, gamma_floor=None)  # the floor chosen by the KE price
     assert sol.ke >= sol.ke_min - 1e-12  # float64 rounding of O(1) energies: ~1e-15
     assert sol.ke_price <= 0.005 * sol.ke_min + 1e-10  # the documented acceptance rule, with its 1e-10 slack
     # the automatic floor is the largest acceptable one in the list
@@ -186,7 +188,7 @@ def test_table_state_dict_and_speed(lam_two_point) -> None:
         ({"second_moment": float("inf")}, "second_moment"),
         ({"n_grid": 2}, "n_grid"),
         ({"max_price": -1.0}, "max_price"),
-        ({"floors": (0.1, 2.0)}, "floors"),
+        ({"floors": (0.1, 2.0), "gamma_floor": None}, "floors"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
@@ -197,3 +199,46 @@ def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
 def test_lam_must_be_a_separation_function() -> None:
     with pytest.raises(ValueError, match="lam"):
         solve_ko(torch.ones(10))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- the default floor
+def _near_gaussian_separation() -> SeparationFunction:
+    """lambda near the Gaussian bound (gamma = 1e-4) up to theta ~ 1.4, then separating (gamma -> 1): thin data whose
+    low-SNR posterior is the Gaussian one, where the KE-price floor picks tiny floors (docs/math.md §4.7)."""
+    theta = default_theta_grid(256).double()
+    gamma = 1e-4 + (1 - 1e-4) * torch.sigmoid((theta - 1.4) / 0.03)
+    return SeparationFunction(theta, 1 - (1 - gamma) * torch.cos(theta) ** 2)
+
+
+def _turning_rates(path: TabulatedPath) -> tuple[float, float, float]:
+    """``max theta'`` at the table's nodes (its derivatives are the solver's exact ones), ``min r`` and ``theta_1``."""
+    a, s, da, ds = (v.double() for v in (path.alpha_grid, path.sigma_grid, path.d_alpha_grid, path.d_sigma_grid))
+    r2 = a * a + s * s
+    return float(((s * da - a * ds) / r2).max()), float(r2.min().sqrt()), float(torch.atan2(a[-1], s[-1]))
+
+
+def test_default_floor_bounds_the_turning_rate_of_a_near_gaussian_lambda() -> None:
+    lam = _near_gaussian_separation()
+    default = solve_ko(lam)
+    assert default.gamma_floor == DEFAULT_GAMMA_FLOOR == 0.1
+    # On the floored cone the path is a segment D = P1 - P0 with constant angular momentum r^2 phi' = D_y, and
+    # theta' = phi' / sqrt(gamma_eps) <= D_y / (r_min^2 sqrt(eps)); D_y = r1 sin(Phi_eps) <= sin(theta1 sqrt(1)).
+    rate, r_min, theta1 = _turning_rates(default.path)
+    d_y = math.sin(default.phi_regularized)
+    bound = d_y / (r_min**2 * math.sqrt(default.gamma_floor))
+    assert rate <= bound * (1 + 1e-5)  # fp32 table values: relative rounding ~1e-6
+    assert rate <= 2.5 * theta1  # here: at most 2.5x the cosine path's constant rate
+    # The KE-price rule picks a floor at or below the Gaussian-like plateau (1e-4) and turns far faster.
+    priced = solve_ko(lam, gamma_floor=None)
+    assert priced.gamma_floor <= 1e-4
+    assert _turning_rates(priced.path)[0] > 5 * rate
+
+
+def test_default_floor_costs_kinetic_energy_that_the_solver_reports_exactly() -> None:
+    # The price of the default floor is reported, not hidden: KE(floored path under the true gamma) - KE_min >= 0,
+    # and an independent quadrature of the tabulated path gives the same KE (as for any floor above).
+    lam = _near_gaussian_separation()
+    sol = solve_ko(lam)
+    assert sol.ke_price >= 0 and sol.ke >= sol.ke_min
+    ke_table = kinetic_energy(sol.path, lam)
+    assert ke_table == pytest.approx(sol.ke, rel=1e-3)

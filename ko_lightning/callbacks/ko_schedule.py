@@ -13,13 +13,15 @@ from typing import Any, Literal, cast
 
 import lightning as L
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from ko_lightning.callbacks.distributed import all_reduce_sums, broadcast_from_rank_zero, compute_on_every_rank
+from ko_lightning.callbacks.ko_advice import warn_if_known_to_lose
 from ko_lightning.callbacks.ko_data import global_normalization, local_separation_sums, training_data
 from ko_lightning.callbacks.ko_display import publish_refresh
+from ko_lightning.callbacks.ko_state import callback_state, restore_callback_state
 from ko_lightning.callbacks.protocol_check import require_protocol
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.kinetic import (
@@ -31,7 +33,9 @@ from ko_lightning.kinetic import (
     default_theta_grid,
     solve_refresh,
 )
+from ko_lightning.kinetic.precision import EstimatePrecision
 from ko_lightning.kinetic.refresh import schedule_change
+from ko_lightning.kinetic.solver import DEFAULT_GAMMA_FLOOR
 from ko_lightning.paths import GaussianPath
 from ko_lightning.protocols import PathModule
 from ko_lightning.seeding import derive_seed
@@ -53,6 +57,7 @@ _SAVED_SETTINGS = (
     "max_data",
     "n_grid",
     "seed",
+    "target_standard_error",
 )
 _SPAWN_WARNING = (
     "KOScheduleCallback under ddp_spawn: the main process gets the trained weights back but not the KO path (it is "
@@ -90,6 +95,9 @@ def _check_settings(settings: dict[str, Any]) -> None:
         raise ValueError(f"gamma_floor must lie in (0, 1) or be None, got {gamma_floor!r}")
     if sigma_min is not None and not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must lie in [0, 1) or be None, got {sigma_min!r}")
+    target = settings["target_standard_error"]
+    if target is not None and not (isinstance(target, (int, float)) and target > 0):
+        raise ValueError(f"target_standard_error must be > 0 or None, got {target!r}")
 
 
 class KOScheduleCallback(L.Callback):
@@ -104,9 +112,8 @@ class KOScheduleCallback(L.Callback):
 
     A lambda that is not finite or leaves ``[0, 1]`` keeps the previous path with a warning; any other failure, on
     any rank, raises on every rank. Each refresh logs ``ko/*`` metrics, prints a table on rank 0 and writes
-    ``ko_schedule.png`` into the logger's run directory. The separation function, the refresh count and the
-    settings are saved in checkpoints (the path by ``FlowMatching``). The module must have the members of
-    :class:`ko_lightning.protocols.PathModule` (checked in ``setup``).
+    ``ko_schedule.png`` into the run directory. Checkpoints hold the separation function, the refresh count and the
+    settings (the path is saved by ``FlowMatching``); ``setup`` checks the module against ``PathModule``.
 
     Args:
         every_n_steps: refresh period in optimizer steps (>= 1).
@@ -115,7 +122,8 @@ class KOScheduleCallback(L.Callback):
         n_queries: queries per refresh over all ranks (each rank takes ``ceil(n_queries / world_size)``).
         n_theta: points of the angle grid (denser near 0).
         smoothing: Whittaker smoothing strength of the separation function.
-        gamma_floor: regularization floor of the solver; None chooses it (KE price <= 0.5%).
+        gamma_floor: regularization floor of the solver (default 0.1, measured: docs/math.md §4.7); None chooses
+            the largest floor with a KE price <= 0.5%, measured to lose few-step sample quality.
         sigma_min: end noise of the KO path; None takes the module's current ``path.sigma_min``.
         init_from_data: before the first step, install KO solved from the data estimator.
         merge_previous: pool each new estimate with the previous one (weighted by samples per grid point); None
@@ -127,6 +135,8 @@ class KOScheduleCallback(L.Callback):
         seed: base seed of the refresh queries (rank ``r`` of refresh ``k`` uses a seed from ``(seed, k, r)``).
         plot: write ``ko_schedule.png`` at each refresh.
         enabled: False makes the callback do nothing.
+        target_standard_error: ``"data"`` estimator with merging (its target never changes): skip periodic
+            refreshes once the merged lambda's largest standard error is at most this; None: never skip.
     """
 
     def __init__(
@@ -134,20 +144,21 @@ class KOScheduleCallback(L.Callback):
         every_n_steps: int = 1000,
         warmup_steps: int = 500,
         estimator: Estimator = "data",
-        n_queries: int = 2048,
+        n_queries: int = 512,
         n_theta: int = 64,
         smoothing: float = 1.0,
-        gamma_floor: float | None = None,
+        gamma_floor: float | None = DEFAULT_GAMMA_FLOOR,
         sigma_min: float | None = None,
         init_from_data: bool = True,
         merge_previous: bool | None = None,
-        max_data: int = 50_000,
+        max_data: int = 4096,
         n_grid: int = 512,
         batch_size: int = 2048,
         data_chunk: int = 4096,
         seed: int = 0,
         plot: bool = True,
         enabled: bool = True,
+        target_standard_error: float | None = 0.01,
     ) -> None:
         _check_settings(locals())
         self.every_n_steps, self.warmup_steps, self.estimator = every_n_steps, warmup_steps, estimator
@@ -156,6 +167,8 @@ class KOScheduleCallback(L.Callback):
         self.merge_previous = (estimator == "data") if merge_previous is None else bool(merge_previous)
         self.max_data, self.n_grid, self.batch_size, self.data_chunk = max_data, n_grid, batch_size, data_chunk
         self.seed, self.plot, self.enabled = int(seed), bool(plot), bool(enabled)
+        self.target_standard_error = target_standard_error
+        self.precision = EstimatePrecision()
 
         self.theta = default_theta_grid(n_theta)
         self.separation: SeparationFunction | None = None
@@ -173,28 +186,11 @@ class KOScheduleCallback(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "refresh_count": self.refresh_count,
-            "last_refresh_step": self.last_refresh_step,
-            "separation": None if self.separation is None else self.separation.state_dict(),
-            "normalization": None if self.normalization is None else self.normalization.state_dict(),
-            "settings": self.settings(),
-        }
+        return callback_state(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.refresh_count = int(state_dict["refresh_count"])
-        self.last_refresh_step = int(state_dict["last_refresh_step"])
-        if state_dict.get("separation") is not None:
-            separation = SeparationFunction.constant_one(self.theta)
-            separation.load_state_dict(state_dict["separation"])
-            self.separation = separation
-        if state_dict.get("normalization") is not None:
-            self.normalization = DataNormalization.from_state_dict(state_dict["normalization"])
-        saved = state_dict.get("settings", {})
-        changed = {k: (v, self.settings().get(k)) for k, v in saved.items() if self.settings().get(k) != v}
-        if changed:
-            rank_zero_info(f"KOScheduleCallback: settings differ from the checkpoint's (saved, now): {changed}")
+        restore_callback_state(self, state_dict)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -206,6 +202,7 @@ class KOScheduleCallback(L.Callback):
             self._run_dir = resolve_run_dir(trainer)
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             rank_zero_warn(_SPAWN_WARNING, category=UserWarning)
+        warn_if_known_to_lose(pl_module, self.gamma_floor)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -227,7 +224,17 @@ class KOScheduleCallback(L.Callback):
             return
         if 0 < trainer.max_steps <= trainer.global_step:  # no training left on a new path: keep the trained one
             return
+        if self.estimate_is_final():
+            return
         self.refresh(trainer, cast(PathModule, pl_module))
+
+    def estimate_is_final(self) -> bool:
+        """True when a data-estimator refresh could only re-measure what is known: the estimate is merged and
+        its largest standard error is at most ``target_standard_error`` (the same on every rank: it comes from
+        all-reduced sums)."""
+        if self.target_standard_error is None or self.estimator != "data" or not self.merge_previous:
+            return False
+        return self.precision.max_standard_error() <= self.target_standard_error
 
     def is_refresh_step(self, step: int) -> bool:
         """True at ``warmup_steps``, ``warmup_steps + every_n_steps``, ... (``step`` counts optimizer steps)."""
@@ -270,6 +277,7 @@ class KOScheduleCallback(L.Callback):
             new_path = outcome.table.to_path()
             pl_module.set_path(new_path)
             self.separation = outcome.separation
+            self.precision.add(pooled, merged=self.merge_previous)
             report.installed = True
             if outcome.numbers is not None:
                 report.record(outcome.numbers)

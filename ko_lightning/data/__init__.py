@@ -22,7 +22,10 @@ from ko_lightning.data.toy2d import (
     on_checkerboard,
     sample_checkerboard,
     sample_eight_gaussians,
+    sample_mixture12,
     sample_moons,
+    sample_rings,
+    sample_spiral,
 )
 
 __all__ = [
@@ -42,5 +45,8 @@ __all__ = [
     "on_checkerboard",
     "sample_checkerboard",
     "sample_eight_gaussians",
+    "sample_mixture12",
     "sample_moons",
+    "sample_rings",
+    "sample_spiral",
 ]

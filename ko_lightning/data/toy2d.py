@@ -21,7 +21,10 @@ __all__ = [
     "on_checkerboard",
     "sample_checkerboard",
     "sample_eight_gaussians",
+    "sample_mixture12",
     "sample_moons",
+    "sample_rings",
+    "sample_spiral",
 ]
 
 
@@ -130,12 +133,90 @@ def sample_moons(n: int, generator: torch.Generator | None = None, noise: float 
     return x + noise * torch.randn(n, 2, generator=generator)
 
 
+def sample_rings(n: int, generator: torch.Generator | None = None, noise: float = 0.01) -> Tensor:
+    """Three concentric circles of radii 0.4, 0.7 and 1.0, each drawn with probability 1/3, plus Gaussian noise.
+
+    Thin curved structure whose covariance is isotropic: normalized, its low-SNR posterior is close to the
+    Gaussian one, the case where variance-preserving paths learn slowly (docs/math.md §4.7).
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        noise: standard deviation of the added Gaussian noise.
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> sample_rings(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+    n = _check_n(n)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    radius = 0.4 + 0.3 * torch.randint(0, 3, (n,), generator=generator).float()
+    a = 2 * math.pi * torch.rand(n, generator=generator)
+    points = radius[:, None] * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
+    return points + noise * torch.randn(n, 2, generator=generator)
+
+
+def sample_spiral(n: int, generator: torch.Generator | None = None, noise: float = 0.01) -> Tensor:
+    """A thin Archimedean spiral of 1.5 turns: ``s (cos s, sin s) / (3 pi)`` with ``s = 3 pi sqrt(u)``, ``u ~ U[0, 1]``
+    (uniform along the area it sweeps), plus Gaussian noise.
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        noise: standard deviation of the added Gaussian noise.
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> sample_spiral(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+    n = _check_n(n)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    s = 3 * math.pi * torch.rand(n, generator=generator).sqrt()
+    points = s[:, None] * torch.stack([torch.cos(s), torch.sin(s)], dim=1) / (3 * math.pi)
+    return points + noise * torch.randn(n, 2, generator=generator)
+
+
+def sample_mixture12(n: int, generator: torch.Generator | None = None, std: float = 0.3) -> Tensor:
+    """A 12-dimensional mixture of 10 equally weighted isotropic Gaussians of standard deviation ``std``, whose
+    means are fixed draws of ``N(0, 1.5^2 I)`` (from seed 123, the same in every call).
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        std: standard deviation of each component.
+
+    Returns:
+        Tensor of shape ``(n, 12)``, float32.
+
+    Example:
+        >>> sample_mixture12(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 12])
+    """
+    n = _check_n(n)
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    means = 1.5 * torch.randn(10, 12, generator=torch.Generator().manual_seed(123))
+    component = torch.randint(0, 10, (n,), generator=generator)
+    return means[component] + std * torch.randn(n, 12, generator=generator)
+
+
 TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "checkerboard": sample_checkerboard,
     "eight_gaussians": sample_eight_gaussians,
     "moons": sample_moons,
+    "rings": sample_rings,
+    "spiral": sample_spiral,
+    "mixture12": sample_mixture12,
 }
-"""The named 2D samplers understood by :class:`Toy2DDataModule`."""
+"""The named toy samplers understood by :class:`Toy2DDataModule` (all 2D but ``mixture12``, which is 12-d)."""
 
 
 class Toy2DDataModule(NormalizedSplitDataModule):
@@ -148,7 +229,8 @@ class Toy2DDataModule(NormalizedSplitDataModule):
     ``(batch_size, 2)``.
 
     Args:
-        name: one of :data:`TOY2D_SAMPLERS` (``"checkerboard"``, ``"eight_gaussians"``, ``"moons"``).
+        name: one of :data:`TOY2D_SAMPLERS` (``"checkerboard"``, ``"eight_gaussians"``, ``"moons"``, ``"rings"``,
+            ``"spiral"``, ``"mixture12"``).
         n_train: number of training points.
         n_val: number of validation points.
         n_test: number of test points.
@@ -157,7 +239,7 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         num_workers: loader worker processes (0 is best for in-memory data).
 
     Attributes:
-        data_shape: ``(2,)``.
+        data_shape: ``(2,)`` (``(12,)`` for ``mixture12``).
         mean: per-coordinate mean of the raw train set, shape ``(2,)`` (after :meth:`setup`).
         scale: global scale, a 0-d tensor (after :meth:`setup`).
 
@@ -192,7 +274,8 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         self.name = name
         self._sampler = TOY2D_SAMPLERS[name]  # LightningDataModule types ``name`` as Optional[str]
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
-        self.data_shape: tuple[int, ...] = (2,)
+        # (2,) for the 2D sets, (12,) for mixture12: the shape of one draw
+        self.data_shape: tuple[int, ...] = tuple(self._sampler(1, torch.Generator().manual_seed(0)).shape[1:])
 
     # ------------------------------------------------------------------ data
     def _draw(self, n: int, split_id: int) -> Tensor:

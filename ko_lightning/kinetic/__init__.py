@@ -13,6 +13,7 @@ from ko_lightning.kinetic.estimators import (
 )
 from ko_lightning.kinetic.normalization import DataNormalization
 from ko_lightning.kinetic.posterior import posterior_mean
+from ko_lightning.kinetic.precision import EstimatePrecision
 from ko_lightning.kinetic.refresh import (
     PathTable,
     RefreshNumbers,
@@ -22,11 +23,13 @@ from ko_lightning.kinetic.refresh import (
     solve_refresh,
 )
 from ko_lightning.kinetic.separation import SeparationFunction, default_theta_grid
-from ko_lightning.kinetic.solver import DEFAULT_GAMMA_FLOORS, KOSolution, solve_ko
+from ko_lightning.kinetic.solver import DEFAULT_GAMMA_FLOOR, DEFAULT_GAMMA_FLOORS, KOSolution, solve_ko
 
 __all__ = [
+    "DEFAULT_GAMMA_FLOOR",
     "DEFAULT_GAMMA_FLOORS",
     "DataNormalization",
+    "EstimatePrecision",
     "KOSolution",
     "PathTable",
     "RefreshNumbers",

@@ -69,8 +69,9 @@ class PathTable(NamedTuple):
         )
 
     def to_path(self) -> TabulatedPath:
-        """The :class:`TabulatedPath` with this table (its derivatives as the node slopes)."""
-        return TabulatedPath(*self)
+        """The KO :class:`TabulatedPath` with this table (its derivatives as the node slopes), sampled on the
+        angle grid by default (docs/math.md §5.3)."""
+        return TabulatedPath(self.t, self.alpha, self.sigma, self.d_alpha, self.d_sigma, sample_grid="angle")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ import torch
 from ko_lightning.kinetic.separation import SeparationFunction
 from ko_lightning.paths.tabulated import TabulatedPath
 
-__all__ = ["DEFAULT_GAMMA_FLOORS", "KOSolution", "solve_ko"]
+__all__ = ["DEFAULT_GAMMA_FLOOR", "DEFAULT_GAMMA_FLOORS", "KOSolution", "solve_ko"]
+
+#: The default floor of ``gamma`` (docs/math.md §4.7): it bounds the turning rate by ``theta' <= phi' / sqrt(0.1)``
+#: and keeps the path away from the variance-preserving shape that fails to learn near-Gaussian-looking data (the
+#: sweep over 0.01, 0.03, 0.1 and 0.3 on six data sets that chose it is in docs/math.md §4.7).
+DEFAULT_GAMMA_FLOOR = 0.1
 
 #: Candidate floors for ``gamma``, largest first; :func:`solve_ko` takes the first whose KE price is acceptable.
 DEFAULT_GAMMA_FLOORS: tuple[float, ...] = (
@@ -88,7 +93,7 @@ def _check_args(
 def solve_ko(
     lam: SeparationFunction,
     sigma_min: float = 0.0,
-    gamma_floor: float | None = None,
+    gamma_floor: float | None = DEFAULT_GAMMA_FLOOR,
     second_moment: float = 1.0,
     n_grid: int = 512,
     n_theta: int = 4097,
@@ -127,7 +132,8 @@ def solve_ko(
     Args:
         lam: separation function of the normalized data.
         sigma_min: ``sigma_1``, in ``[0, 1)``.
-        gamma_floor: ``eps`` in ``(0, 1)``, or ``None`` to choose it automatically.
+        gamma_floor: ``eps`` in ``(0, 1)`` (default :data:`DEFAULT_GAMMA_FLOOR`), or ``None`` to choose it by the
+            KE price (below).
         second_moment: per-dimension second moment ``v`` of the (centred) data; the path is solved in the
             rescaled plane with end point ``(sqrt(v), sigma_min)`` and returned in data units (``alpha_1 = 1``).
         n_grid: nodes of the returned table (fewer only if two would share a float32 time).
@@ -227,7 +233,8 @@ def solve_ko(
     # (rare: only for tiny floors; the end node t = 1 always stays).
     keep = np.append(t[:-1] < t[1:], True)
     table = (t[keep], alpha[keep], s_t[keep], d_alpha[keep], ds_t[keep])
-    path = TabulatedPath(*(torch.from_numpy(a) for a in table))
+    t_n, alpha_n, sigma_n, d_alpha_n, d_sigma_n = (torch.from_numpy(a) for a in table)
+    path = TabulatedPath(t_n, alpha_n, sigma_n, d_alpha_n, d_sigma_n, sample_grid="angle")
     return KOSolution(
         path=path,
         phi=phi_total,

@@ -8,11 +8,20 @@ Everything a trainer or sampler needs follows from ``alpha_t``, ``sigma_t`` and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GaussianPath", "PathCoefficients", "PathSample", "broadcast_time", "check_unit_interval"]
+__all__ = [
+    "SAMPLE_GRIDS",
+    "GaussianPath",
+    "SampleGrid",
+    "PathCoefficients",
+    "PathSample",
+    "broadcast_time",
+    "check_unit_interval",
+]
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,11 @@ def broadcast_time(t: Tensor, like: Tensor, name: str = "t") -> Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+SampleGrid = Literal["time", "angle"]
+#: the grids :meth:`ko_lightning.FlowMatching.sample` steps on.
+SAMPLE_GRIDS: tuple[SampleGrid, ...] = ("time", "angle")
+
+
 class GaussianPath(nn.Module):
     """Base class of every Gaussian probability path ``x_t = alpha_t x1 + sigma_t x0``.
 
@@ -130,6 +144,9 @@ class GaussianPath(nn.Module):
 
     #: sigma at t = 1; subclasses set it.
     sigma_min: float = 0.0
+    #: where fixed-step sampling steps by default: ``"time"`` (equal steps in t) or ``"angle"`` (equal steps in
+    #: ``theta = atan(alpha / sigma)``, docs/math.md §5.3). A solved KO path samples on ``"angle"``.
+    sample_grid: SampleGrid = "time"
 
     def coefficients(self, t: Tensor) -> PathCoefficients:  # pragma: no cover - abstract
         """Return alpha, sigma and their derivatives at fp32 times ``t`` (already validated)."""

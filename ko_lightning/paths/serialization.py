@@ -88,7 +88,9 @@ def path_to_state(path: GaussianPath) -> dict[str, Any]:
             stacklevel=2,
         )
     init: dict[str, Any] = {}
-    if not isinstance(path, TabulatedPath):
+    if isinstance(path, TabulatedPath):
+        init["sample_grid"] = path.sample_grid
+    else:
         for arg in inspect.signature(cls.__init__).parameters:
             if arg != "self" and hasattr(path, arg):
                 init[arg] = getattr(path, arg)
@@ -122,6 +124,7 @@ def path_from_state(state: dict[str, Any]) -> GaussianPath:
             buffers["sigma_grid"],
             buffers["d_alpha_grid"],
             buffers["d_sigma_grid"],
+            sample_grid=state.get("init", {}).get("sample_grid", "time"),  # older checkpoints: the time grid
         )
     else:
         path = cls(**state.get("init", {}))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ko_lightning.paths.base import GaussianPath, PathCoefficients
+from ko_lightning.paths.base import SAMPLE_GRIDS, GaussianPath, PathCoefficients, SampleGrid
 from ko_lightning.paths.hermite import HermiteSegments, pchip_slopes
 
 __all__ = ["TabulatedPath", "pchip_slopes"]
@@ -33,6 +33,8 @@ class TabulatedPath(GaussianPath):
         sigma: ``sigma_t`` on the grid, ``>= 0``.
         d_alpha: optional ``d alpha / dt`` on the grid.
         d_sigma: optional ``d sigma / dt`` on the grid.
+        sample_grid: where fixed-step sampling steps by default, ``"time"`` or ``"angle"``
+            (:attr:`GaussianPath.sample_grid`; the KO solver sets ``"angle"``).
 
     Example:
         >>> from ko_lightning.paths import CondOTPath
@@ -54,8 +56,12 @@ class TabulatedPath(GaussianPath):
         sigma: Tensor,
         d_alpha: Tensor | None = None,
         d_sigma: Tensor | None = None,
+        sample_grid: SampleGrid = "time",
     ) -> None:
         super().__init__()
+        if sample_grid not in SAMPLE_GRIDS:
+            raise ValueError(f"sample_grid must be one of {SAMPLE_GRIDS}, got {sample_grid!r}")
+        self.sample_grid = sample_grid
         for name in _TABLE:
             self.register_buffer(name, torch.zeros(2))
         self.set_table(t, alpha, sigma, d_alpha, d_sigma)

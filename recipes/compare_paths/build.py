@@ -68,7 +68,7 @@ def build_net(config: CompareConfig, data_shape: tuple[int, ...]) -> nn.Module:
 
 def build_path(name: str) -> GaussianPath:
     """The starting path of a row (KO starts on Cond-OT; its callback installs the KO path before step 1)."""
-    if name in ("cond_ot", "ko"):
+    if name in ("cond_ot", "cond_ot_angle", "ko", "ko_paper"):
         return CondOTPath()
     if name == "cosine":
         return CosinePath()

@@ -32,6 +32,8 @@ from ko_lightning.sampling import SolverSpec
 
 __all__ = [
     "KO_DEFAULTS",
+    "KO_PAPER_SETTINGS",
+    "PATH_GRIDS",
     "PATH_LABELS",
     "PATH_NAMES",
     "CompareConfig",
@@ -46,22 +48,38 @@ __all__ = [
     "load_config",
 ]
 
-PathName = Literal["cond_ot", "ko", "cosine", "vp"]
-PATH_NAMES: tuple[PathName, ...] = ("cond_ot", "ko", "cosine", "vp")
-"""Paths the comparison knows, in table order."""
+PathName = Literal["cond_ot", "cond_ot_angle", "ko", "ko_paper", "cosine", "vp"]
+PATH_NAMES: tuple[PathName, ...] = ("cond_ot", "cond_ot_angle", "ko", "ko_paper", "cosine", "vp")
+"""Rows the comparison knows, in table order. ``cond_ot_angle`` is the ``cond_ot`` model (trained once) sampled on
+the angle grid; ``ko`` is ``KOScheduleCallback()`` with the package defaults (sampled on the KO path's default
+grid, the angle grid); ``ko_paper`` is the paper's setting: KO solved once from the data, floor 0.01, Euler
+uniform in t."""
 
-PATH_LABELS: dict[str, str] = {"cond_ot": "Cond-OT", "ko": "KO", "cosine": "cosine (trig.)", "vp": "VP (DDPM)"}
+PATH_LABELS: dict[str, str] = {
+    "cond_ot": "Cond-OT",
+    "cond_ot_angle": "Cond-OT, angle grid",
+    "ko": "KO (package defaults)",
+    "ko_paper": "KO (paper: once, floor 0.01)",
+    "cosine": "cosine (trig.)",
+    "vp": "VP (DDPM)",
+}
 
-# The KO row's callback settings (measured to refresh cheaply on the CPU checkerboard); a config's ``ko`` section
-# is merged into these, so a partial section changes only what it names.
-KO_DEFAULTS: dict[str, Any] = {
+#: the fixed-step grid each row samples on (None: the path's own default, docs/math.md §5.3).
+PATH_GRIDS: dict[str, str | None] = {"cond_ot_angle": "angle", "ko_paper": "time"}
+
+# The KO row's callback settings: the package defaults (no plot); a config's ``ko`` section is merged into these,
+# so a partial section changes only what it names.
+KO_DEFAULTS: dict[str, Any] = {"plot": False}
+
+#: the ``ko_paper`` row: lambda from the data once before step 1 (no refresh after), floor 0.01, 1024 queries.
+KO_PAPER_SETTINGS: dict[str, Any] = {
     "estimator": "data",
     "init_from_data": True,
-    "every_n_steps": 1000,
-    "warmup_steps": 1000,
-    "n_queries": 256,
-    "n_theta": 48,
+    "every_n_steps": 10**9,
+    "warmup_steps": 10**9,
+    "n_queries": 1024,
     "max_data": 8192,
+    "gamma_floor": 0.01,
     "plot": False,
 }
 
@@ -206,7 +224,9 @@ class TimeMargins:
     """
 
     cond_ot: float = 0.0
+    cond_ot_angle: float = 0.0
     ko: float = 0.0
+    ko_paper: float = 0.0
     cosine: float = 0.0
     vp: float = 1e-3
 
@@ -228,8 +248,7 @@ class CompareConfig:
         net: ``{"kind": "mlp", ...}`` (:class:`TimeMLP` arguments; ``dim`` is set from the data) or
             ``{"kind": "unet", ...}`` (:class:`UNet` arguments).
         paths: which paths to compare, a subset of :data:`PATH_NAMES`.
-        parametrization: what the network predicts (default ``"polar_v"``: path-invariant input, which the KO
-            callback's schedule swaps need).
+        parametrization: what the network predicts (default ``"velocity"``, the package default).
         loss_weighting: ``FlowMatching``'s ``loss_weighting`` (``"velocity"`` or ``"output"``; None: the module's
             default, ``"output"`` for ``polar_v``).
         t_eps: :class:`TimeMargins`, ``t_eps`` per path.
@@ -249,7 +268,7 @@ class CompareConfig:
     )
     net: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp", "hidden": 256, "depth": 4, "time_scale": 1.0})
     paths: list[PathName] = field(default_factory=lambda: list(PATH_NAMES))
-    parametrization: Literal["velocity", "x1", "eps", "polar_v"] = "polar_v"
+    parametrization: Literal["velocity", "x1", "eps", "polar_v"] = "velocity"
     loss_weighting: Literal["velocity", "output"] | None = None
     t_eps: TimeMargins = field(default_factory=TimeMargins)
     seed: int = 0
@@ -293,9 +312,9 @@ class CompareConfig:
         """The run directory."""
         return Path(self.out) if self.out is not None else Path("runs") / "compare_paths" / self.data_name
 
-    def ko_settings(self) -> dict[str, Any]:
-        """Arguments of the KO row's :class:`KOScheduleCallback`."""
-        return {**KO_DEFAULTS, **self.ko}
+    def ko_settings(self, name: str = "ko") -> dict[str, Any]:
+        """Arguments of the :class:`KOScheduleCallback` of row ``name`` (``"ko"`` or ``"ko_paper"``)."""
+        return dict(KO_PAPER_SETTINGS) if name == "ko_paper" else {**KO_DEFAULTS, **self.ko}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for ``results.json``)."""

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +26,8 @@ from ko_lightning.kinetic import SeparationFunction, kinetic_energy
 from ko_lightning.likelihood import DIGITS_LEVELS, pixel_bits_per_dim
 from ko_lightning.metrics import compute_fid_kid, mmd_rbf, model_kinetic_energy, sliced_wasserstein
 from ko_lightning.module import FlowMatching
-from ko_lightning.sampling import SolverSpec, integrate
-from recipes.compare_paths.config import PATH_LABELS, CompareConfig
+from ko_lightning.sampling import SolverSpec
+from recipes.compare_paths.config import PATH_GRIDS, PATH_LABELS, CompareConfig
 
 __all__ = ["PathResult", "digits_display", "eval_device", "evaluate_path"]
 
@@ -85,11 +86,13 @@ def eval_device(config: CompareConfig) -> torch.device:
 
 
 @torch.no_grad()
-def _generate(model: FlowMatching, x0: Tensor, solver: SolverSpec, t_end: float) -> tuple[Tensor, int]:
-    """Solve noise -> data from ``t_eps`` (where :meth:`FlowMatching.sample` starts too) up to ``t_end`` (< 1 for a
-    path whose velocity is singular at t = 1)."""
-    model.eval()
-    res = integrate(model.velocity, x0.to(model.device), solver, t_start=model.t_eps, t_end=t_end)
+def _generate(model: FlowMatching, x0: Tensor, solver: SolverSpec, grid: str | None) -> tuple[Tensor, int]:
+    """:meth:`FlowMatching.sample` from ``x0`` over the model's range ``[t_eps, 1 - t_eps]``, on ``grid`` (None:
+    the path's default) for a fixed-step solver."""
+    knobs: dict[str, Any] = (
+        {"atol": solver.atol, "rtol": solver.rtol} if solver.steps is None else {"steps": solver.steps, "grid": grid}
+    )
+    res = model.sample(x0=x0.to(model.device), method=solver.method, **knobs)
     return res.samples.float().cpu(), res.nfe
 
 
@@ -265,7 +268,7 @@ def evaluate_path(
     samples: dict[str, Tensor] = {}
     for solver in ev.solver_names():
         start = time.perf_counter()
-        x, nfe = _generate(model, x0, ev.solver_spec(solver), t_end)
+        x, nfe = _generate(model, x0, ev.solver_spec(solver), PATH_GRIDS.get(name))
         elapsed = time.perf_counter() - start
         if not bool(torch.isfinite(x).all()):
             raise RuntimeError(f"path {name!r}: {solver} produced non-finite samples")

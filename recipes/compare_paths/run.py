@@ -29,6 +29,7 @@ from recipes.compare_paths.report import hardware, ko_numbers, results_markdown,
 __all__ = ["ComparisonResult", "ProgressLog", "run_comparison", "train_path"]
 
 _LAMBDA_NOISE = 11  # offset of config.seed for the queries of the data's lambda estimate
+_TRAINED_AS = {"cond_ot_angle": "cond_ot"}  # rows that sample another row's model on another grid
 
 
 @dataclass
@@ -74,7 +75,7 @@ def train_path(
         number of optimizer steps taken.
     """
     model = build_model(config, name, tuple(dm.data_shape))
-    ko_callback = KOScheduleCallback(**config.ko_settings()) if name == "ko" else None
+    ko_callback = KOScheduleCallback(**config.ko_settings(name)) if name in ("ko", "ko_paper") else None
     trainer = L.Trainer(
         max_steps=config.train.max_steps,
         accelerator=config.train.accelerator,
@@ -139,9 +140,13 @@ def run_comparison(config: CompareConfig, verbose: bool = True) -> ComparisonRes
         final_paths: dict[str, GaussianPath] = {}
         ko_lam: SeparationFunction | None = None
         weighting = str(config.loss_weighting)
+        trained: dict[str, tuple[FlowMatching, KOScheduleCallback | None, float, int]] = {}
         for name in config.paths:
-            log(f"{name}: training {config.train.max_steps} steps (t_eps {config.t_eps_of(name):g})")
-            model, ko_callback, train_seconds, steps = train_path(config, name, dm, out)
+            source = _TRAINED_AS.get(name, name)  # a row sampled differently reuses its model (same seed, same run)
+            if source not in trained:
+                log(f"{source}: training {config.train.max_steps} steps (t_eps {config.t_eps_of(source):g})")
+                trained[source] = train_path(config, source, dm, out)
+            model, ko_callback, train_seconds, steps = trained[source]
             weighting = str(model.loss_weighting)
             start = time.perf_counter()
             row, samples = evaluate_path(config, name, model, dm, lam, log)

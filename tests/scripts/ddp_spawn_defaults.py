@@ -34,7 +34,9 @@ class DestroyProcessGroup(L.Callback):
 def main(out_dir: str) -> None:
     dm = Toy2DDataModule("checkerboard", n_train=4096, n_val=256, n_test=256, batch_size=128, seed=0)
     model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), train_seed=0)
-    ko = KOScheduleCallback(every_n_steps=10, warmup_steps=10)  # every other setting at its default
+    # every other setting at its default; periodic refreshes forced (the default skips them once lambda is precise)
+    # so that the refresh collectives run in the middle of training too
+    ko = KOScheduleCallback(every_n_steps=10, warmup_steps=10, target_standard_error=None)
     logger = CSVLogger(out_dir, name="spawn")
     trainer = L.Trainer(
         accelerator="cpu",

@@ -1,0 +1,42 @@
+"""Warnings for KO configurations that the measurements of docs/math.md §4.7 show to lose."""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+__all__ = ["losing_settings", "warn_if_known_to_lose"]
+
+
+def losing_settings(parametrization: object, loss_weighting: object, gamma_floor: float | None) -> list[str]:
+    """What in a (module, callback) configuration is measured to lose few-step sample quality with KO.
+
+    Args:
+        parametrization: the module's parametrization name.
+        loss_weighting: the module's loss weighting.
+        gamma_floor: the callback's floor (None: chosen by the KE price).
+
+    Returns:
+        One sentence per losing setting (empty when none).
+    """
+    found = []
+    if parametrization == "polar_v" and loss_weighting == "output":
+        found.append(
+            "parametrization='polar_v' with loss_weighting='output' drops the velocity weight (r theta')^2 from the "
+            "loss, so the network is least accurate where the KO path turns fastest; with KO it lost to the "
+            "velocity parametrization at every Euler step count measured (docs/math.md §4.7). Use "
+            "parametrization='velocity' (the default) or loss_weighting='velocity'."
+        )
+    if gamma_floor is None:
+        found.append(
+            "gamma_floor=None picks the floor by the kinetic-energy price (<= 0.5%), which lets the path turn so "
+            "fast near t = 0 that few-step samples collapse (docs/math.md §4.7). The default floor is 0.1."
+        )
+    return found
+
+
+def warn_if_known_to_lose(pl_module: object, gamma_floor: float | None) -> None:
+    """Rank 0: a ``UserWarning`` for each of :func:`losing_settings` (nothing else happens: the run goes on)."""
+    parametrization = getattr(pl_module, "parametrization", None)
+    loss_weighting = getattr(pl_module, "loss_weighting", None)
+    for message in losing_settings(parametrization, loss_weighting, gamma_floor):
+        rank_zero_warn(f"KOScheduleCallback: {message}", category=UserWarning)
