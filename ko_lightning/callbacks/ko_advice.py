@@ -23,7 +23,7 @@ def losing_settings(parametrization: object, loss_weighting: object, gamma_floor
         found.append(
             "parametrization='polar_v' with loss_weighting='output' drops the velocity weight (r theta')^2 from the "
             "loss, so the network is least accurate where the KO path turns fastest; with KO it lost to the "
-            "velocity parametrization at every Euler step count measured (docs/math.md §4.7). Use "
+            "velocity parametrization at every Euler step count on three of four data sets (docs/math.md §4.7). Use "
             "parametrization='velocity' (the default) or loss_weighting='velocity'."
         )
     if gamma_floor is None:
