@@ -80,9 +80,13 @@ class AngleGrid:
         return float(_polar(self.path.at(t_tensor, t_tensor, validate=False))[0])
 
     def __call__(self, y: Tensor, tau: Tensor) -> Tensor:
-        """``dy/dtau`` at unit-radius states ``y`` (shape ``(B, ...)``) and normalized angles ``tau`` (``(B,)``)."""
+        """``dy/dtau`` at unit-radius states ``y`` (shape ``(B, ...)``) and normalized angles ``tau`` (``(B,)``).
+
+        The solvers pass one time broadcast to the batch (:func:`ko_lightning.sampling.integrate`), so the time
+        ``t(tau)`` (a bisection over the path's SNR) is found once for the first entry and shared.
+        """
         lo, hi = self.angles
-        t = self.time_of(tau)
+        t = self.time_of(tau.reshape(-1)[:1]).expand(tau.shape)
         r, dlog_r, d_theta = _polar(self.path.at(t, y, validate=False))
         u = self.velocity((r * y.float()).to(y.dtype), t)
         return (hi - lo) * (u.float() / r - dlog_r * y.float()) / d_theta

@@ -38,6 +38,11 @@ def _check_n(n: int) -> int:
     return value
 
 
+def _check_nonnegative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
     """Uniform samples on the 8 black squares of a 4 x 4 checkerboard covering ``[-2, 2]^2``.
 
@@ -96,8 +101,7 @@ def sample_eight_gaussians(
         torch.Size([5, 2])
     """
     n = _check_n(n)
-    if std < 0:
-        raise ValueError(f"std must be >= 0, got {std}")
+    _check_nonnegative("std", std)
     k = torch.randint(0, 8, (n,), generator=generator).float()
     angle = 2 * math.pi * k / 8
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
@@ -123,8 +127,7 @@ def sample_moons(n: int, generator: torch.Generator | None = None, noise: float 
         torch.Size([5, 2])
     """
     n = _check_n(n)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_nonnegative("noise", noise)
     lower = torch.randint(0, 2, (n,), generator=generator).bool()
     a = math.pi * torch.rand(n, generator=generator)
     upper_pts = torch.stack([torch.cos(a), torch.sin(a)], dim=1)
@@ -152,8 +155,7 @@ def sample_rings(n: int, generator: torch.Generator | None = None, noise: float 
         torch.Size([5, 2])
     """
     n = _check_n(n)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_nonnegative("noise", noise)
     radius = 0.4 + 0.3 * torch.randint(0, 3, (n,), generator=generator).float()
     a = 2 * math.pi * torch.rand(n, generator=generator)
     points = radius[:, None] * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
@@ -177,8 +179,7 @@ def sample_spiral(n: int, generator: torch.Generator | None = None, noise: float
         torch.Size([5, 2])
     """
     n = _check_n(n)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_nonnegative("noise", noise)
     s = 3 * math.pi * torch.rand(n, generator=generator).sqrt()
     points = s[:, None] * torch.stack([torch.cos(s), torch.sin(s)], dim=1) / (3 * math.pi)
     return points + noise * torch.randn(n, 2, generator=generator)
@@ -201,8 +202,7 @@ def sample_mixture12(n: int, generator: torch.Generator | None = None, std: floa
         torch.Size([5, 12])
     """
     n = _check_n(n)
-    if std < 0:
-        raise ValueError(f"std must be >= 0, got {std}")
+    _check_nonnegative("std", std)
     means = 1.5 * torch.randn(10, 12, generator=torch.Generator().manual_seed(123))
     component = torch.randint(0, 10, (n,), generator=generator)
     return means[component] + std * torch.randn(n, 12, generator=generator)

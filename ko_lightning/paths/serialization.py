@@ -75,7 +75,7 @@ def path_to_state(path: GaussianPath) -> dict[str, Any]:
     """Describe ``path`` as ``{"class": "module:QualName", "init": {...}, "buffers": {...}}``.
 
     ``init`` holds the constructor arguments that are stored as attributes of the same name (the convention of
-    every analytic path here); ``buffers`` holds the tensors (the table of a :class:`TabulatedPath`). A class that
+    every path here); ``buffers`` holds the tensors (the table of a :class:`TabulatedPath`). A class that
     is not registered is still described, with a warning: :func:`path_from_state` will rebuild it only once it
     is registered with :func:`register_path`.
     """
@@ -87,13 +87,11 @@ def path_to_state(path: GaussianPath) -> dict[str, Any]:
             "the class with @ko_lightning.paths.register_path",
             stacklevel=2,
         )
-    init: dict[str, Any] = {}
-    if isinstance(path, TabulatedPath):
-        init["sample_grid"] = path.sample_grid
-    else:
-        for arg in inspect.signature(cls.__init__).parameters:
-            if arg != "self" and hasattr(path, arg):
-                init[arg] = getattr(path, arg)
+    init = {
+        arg: getattr(path, arg)
+        for arg in inspect.signature(cls.__init__).parameters
+        if arg != "self" and hasattr(path, arg)  # a TabulatedPath's table is in buffers, its sample_grid here
+    }
     buffers = {k: v.detach().cpu().clone() for k, v in path.state_dict().items()}
     return {"class": name, "init": init, "buffers": buffers}
 
@@ -124,7 +122,7 @@ def path_from_state(state: dict[str, Any]) -> GaussianPath:
             buffers["sigma_grid"],
             buffers["d_alpha_grid"],
             buffers["d_sigma_grid"],
-            sample_grid=state.get("init", {}).get("sample_grid", "time"),  # older checkpoints: the time grid
+            **state.get("init", {}),  # sample_grid; older checkpoints hold none and get the time grid
         )
     else:
         path = cls(**state.get("init", {}))
