@@ -1,4 +1,5 @@
-"""The one place that knows how a batch carries its data: a tensor, a tuple/list led by one, or a dict."""
+"""The one place that knows how a batch carries its data (a tensor, a tuple/list led by one, or a dict) and its
+condition (the tuple's second element, or a dict entry)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,39 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_KEYS", "batch_data", "check_batch"]
+from ko_lightning.conditioning import Conditioning
+
+__all__ = ["COND_KEYS", "DATA_KEYS", "batch_condition", "batch_data", "check_batch"]
 
 #: dict keys that hold the data samples, tried in this order.
 DATA_KEYS: tuple[str, ...] = ("x", "x1", "data", "image", "images")
+#: dict keys that hold the conditions (class labels or float conditions), tried in this order.
+COND_KEYS: tuple[str, ...] = ("y", "cond", "label", "labels")
+
+
+def batch_condition(batch: Any, where: str, conditioning: Conditioning, batch_size: int) -> Tensor | None:
+    """The conditions of ``batch`` for a network with ``conditioning``: the second element of a tuple/list batch
+    ``(x, y)``, or the entry under a :data:`COND_KEYS` key of a dict batch; checked against the network.
+
+    An unconditional network ignores any labels the batch carries (None is returned).
+
+    Raises:
+        ValueError: naming ``where`` when a conditional network gets a batch without conditions, or as
+            :meth:`~ko_lightning.conditioning.Conditioning.check` says (labels out of range, wrong width).
+    """
+    if not conditioning.is_conditional:
+        return None
+    raw: Any = None
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        raw = batch[1]
+    elif isinstance(batch, dict):
+        raw = next((batch[k] for k in COND_KEYS if k in batch), None)
+    if raw is None:
+        raise ValueError(
+            f"{where}: the network is conditional ({conditioning.describe()}) but the batch carries no condition; "
+            f"give batches (x, y) or dicts with 'x' and one of {COND_KEYS} (e.g. a data module with labels=True)"
+        )
+    return conditioning.check(raw, batch_size, f"{where}: condition", allow_null=True)
 
 
 def batch_data(batch: Any, where: str = "batch") -> Tensor:

@@ -8,6 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+from ko_lightning.conditioning import Conditioning
 from ko_lightning.paths import GaussianPath
 from ko_lightning.paths.serialization import path_from_state, path_to_state
 
@@ -45,17 +46,34 @@ def write_module_state(
     data_shape: tuple[int, ...] | None,
     parametrization: str,
     train_seed: int,
+    conditioning: Conditioning | None = None,
 ) -> None:
-    """Add the path (as plain tensors and strings), data shape, parametrization and noise seed to ``checkpoint``
-    under :data:`CHECKPOINT_KEY` (merged into an entry that is already there)."""
+    """Add the path (as plain tensors and strings), data shape, parametrization, noise seed and the network's
+    conditioning (``num_classes`` / ``cond_dim``) to ``checkpoint`` under :data:`CHECKPOINT_KEY` (merged into an
+    entry that is already there)."""
     state = checkpoint.setdefault(CHECKPOINT_KEY, {})
     state["path"] = path_to_state(path)
     state["data_shape"] = data_shape
     state["parametrization"] = parametrization
     state["train_seed"] = train_seed
+    conditioning = conditioning or Conditioning()
+    state["conditioning"] = {"num_classes": conditioning.num_classes, "cond_dim": conditioning.cond_dim}
 
 
-def read_module_state(checkpoint: dict[str, Any], parametrization: str) -> ModuleState | None:
+def _check_conditioning(saved: Any, conditioning: Conditioning) -> None:
+    """A checkpoint's conditioning must be the network's (older checkpoints, without one, were unconditional)."""
+    saved = saved if isinstance(saved, dict) else {}
+    before = Conditioning(saved.get("num_classes"), saved.get("cond_dim"))
+    if before != conditioning:
+        raise ValueError(
+            f"the checkpoint was saved from a network with {before.describe()}, but this FlowMatching's network has "
+            f"{conditioning.describe()}: build the network with the checkpoint's num_classes / cond_dim"
+        )
+
+
+def read_module_state(
+    checkpoint: dict[str, Any], parametrization: str, conditioning: Conditioning | None = None
+) -> ModuleState | None:
     """The state :func:`write_module_state` saved, after checking that it fits a module with ``parametrization``.
 
     Everything is checked before the caller changes anything, so a rejected checkpoint leaves the module as it was.
@@ -67,7 +85,8 @@ def read_module_state(checkpoint: dict[str, Any], parametrization: str) -> Modul
     Raises:
         ValueError: when there is no entry and the weights lie outside ``net.`` (the checkpoint comes from another
             module), the entry is malformed, it was saved with another parametrization (the network's output
-            would be read as something else; the message names both), or its path cannot be rebuilt.
+            would be read as something else; the message names both), with another conditioning (``num_classes``
+            / ``cond_dim``, both named), or its path cannot be rebuilt.
     """
     state = checkpoint.get(CHECKPOINT_KEY)
     if state is None:
@@ -92,6 +111,7 @@ def read_module_state(checkpoint: dict[str, Any], parametrization: str) -> Modul
             f"parametrization={parametrization!r}: its network predicts something else. Construct the "
             f"module with parametrization={saved!r} (load_from_checkpoint restores it unless overridden)"
         )
+    _check_conditioning(state.get("conditioning"), conditioning or Conditioning())
     path = path_from_state(state["path"])  # may raise
     data_shape = state.get("data_shape")
     train_seed = state.get("train_seed")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -21,6 +21,7 @@ from ko_lightning.ode import ADAPTIVE_METHODS, SolverSpec
 from ko_lightning.parametrizations import OutputParametrization
 from ko_lightning.paths import SAMPLE_GRIDS, GaussianPath, SampleGrid
 from ko_lightning.sampling import SampleResult, integrate
+from ko_lightning.time_grids import check_time_grid
 
 __all__ = ["DEFAULT_FIXED_STEPS", "ModelFlow", "check_noise", "initial_noise", "solve_range", "solver_spec"]
 
@@ -145,6 +146,8 @@ class ModelFlow:
         data_shape: the shape of one sample, or None if unknown.
         device: where the model lives.
         model_name: how errors name the model, with its parametrization, path and range (:attr:`context`).
+        calls_per_evaluation: network calls per velocity evaluation (2 under classifier-free guidance with
+            ``0 != w != 1``, :mod:`ko_lightning.guidance`); a sample's ``nfe`` counts network calls.
     """
 
     velocity: Callable[[Tensor, Tensor], Tensor]
@@ -154,6 +157,7 @@ class ModelFlow:
     data_shape: tuple[int, ...] | None
     device: torch.device
     model_name: str = "FlowMatching"
+    calls_per_evaluation: int = 1
 
     @property
     def context(self) -> str:
@@ -194,6 +198,7 @@ class ModelFlow:
         time_points: Tensor | None = None,
         max_num_steps: int | None = None,
         grid: SampleGrid | None = None,
+        time_grid: Any = None,
     ) -> SampleResult:
         """Samples: solve ``dx/dt = v(x, t)`` from noise ``x0 ~ N(0, I)`` at ``t_eps`` to ``1 - t_eps``, without grad.
 
@@ -216,6 +221,9 @@ class ModelFlow:
                 :class:`~ko_lightning.angular_grid.AngleGrid`, docs/math.md §5.3). None: the path's
                 ``sample_grid`` (``"angle"`` for a solved KO path, ``"time"`` otherwise) for a fixed-step method
                 without ``time_points``, else ``"time"``.
+            time_grid: the times a fixed-step method steps through: strictly increasing, from ``t_eps`` to
+                ``1 - t_eps`` (:func:`~ko_lightning.time_grids.check_time_grid`; e.g. from
+                :func:`~ko_lightning.time_grids.path_time_grid`). It replaces ``steps`` and the angle grid.
 
         Returns:
             ``SampleResult(samples, nfe, trajectory, time_points)``; ``nfe`` is the exact number of network calls.
@@ -228,23 +236,46 @@ class ModelFlow:
         """
         if (num_samples is None) == (x0 is None):  # checked first: before the solver knobs and the range
             raise ValueError("give exactly one of num_samples or x0")
-        solver = solver_spec(method, steps, atol, rtol, max_num_steps)
         t_start, t_end = self.solve_range()
+        solver = self._solver(method, steps, atol, rtol, max_num_steps, grid, time_grid, t_start, t_end)
         x0 = initial_noise(num_samples, x0, self.data_shape, generator)
-        if self._grid(grid, solver, time_points) == "angle":
+        if solver.grid is None and self._grid(grid, solver, time_points) == "angle":
             frame = AngleGrid(self.velocity, self.path, t_start, t_end, self.device)
             y0 = x0.to(self.device).float() / frame.radius(t_start)
             result = integrate(frame, y0, solver, t_start=0.0, t_end=1.0, context=self.context)
-            return SampleResult(samples=result.samples * frame.radius(t_end), nfe=result.nfe)
-        return integrate(
-            self.velocity,
-            x0.to(self.device).float(),
-            solver,
-            t_start=t_start,
-            t_end=t_end,
-            time_points=time_points,
-            context=self.context,
-        )
+            result = SampleResult(samples=result.samples * frame.radius(t_end), nfe=result.nfe)
+        else:
+            result = integrate(
+                self.velocity,
+                x0.to(self.device).float(),
+                solver,
+                t_start=t_start,
+                t_end=t_end,
+                time_points=time_points,
+                context=self.context,
+            )
+        return replace(result, nfe=result.nfe * self.calls_per_evaluation)
+
+    def _solver(
+        self,
+        method: str,
+        steps: int | None,
+        atol: float | None,
+        rtol: float | None,
+        max_num_steps: int | None,
+        grid: SampleGrid | None,
+        time_grid: Any,
+        t_start: float,
+        t_end: float,
+    ) -> SolverSpec:
+        """The solver of a sample; with ``time_grid``, a fixed-step method on that grid (errors name the clash)."""
+        if time_grid is None:
+            return solver_spec(method, steps, atol, rtol, max_num_steps)
+        if method in ADAPTIVE_METHODS:
+            raise ValueError(f"time_grid is for fixed-step methods; method={method!r} is adaptive")
+        if steps is not None or grid is not None:
+            raise ValueError("time_grid replaces steps and grid: give time_grid alone")
+        return SolverSpec(method=method, grid=check_time_grid(time_grid, t_start, t_end))
 
     def log_prob(
         self,

@@ -10,8 +10,6 @@ checks), :mod:`ko_lightning.model_flow` (sampling and likelihoods over the train
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -21,24 +19,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ko_lightning.batches import check_batch
+from ko_lightning.batches import batch_condition, check_batch
 from ko_lightning.checkpointing import (
     check_checkpoint_file,
     missing_state_message,
     read_module_state,
     write_module_state,
 )
-from ko_lightning.likelihood import BitsPerDimResult, LogProbResult
-from ko_lightning.model_flow import ModelFlow
-from ko_lightning.objective import draw_time_and_noise, flow_matching_loss, sample_time
+from ko_lightning.conditioning import Conditioning
+from ko_lightning.inference import FlowInference
+from ko_lightning.objective import draw_time_and_noise, draw_times, flow_matching_loss
 from ko_lightning.parametrizations import (
     LossWeighting,
     OutputParametrization,
     ParametrizationName,
     parametrization_from_name,
 )
-from ko_lightning.paths import CondOTPath, GaussianPath, PathCoefficients, SampleGrid
-from ko_lightning.sampling import SampleResult
+from ko_lightning.paths import CondOTPath, GaussianPath
+from ko_lightning.time_samplers import TimeSamplerSpec, make_time_sampler, time_sampler_name
 from ko_lightning.training_noise import draw_run_seed, step_randomness
 
 __all__ = ["FlowMatching", "Parametrization"]
@@ -71,7 +69,7 @@ def _plain_factory(factory: Any) -> Any:
 
 
 def _checked(
-    net: Any, parametrization: Any, loss_weighting: Any, t_eps: Any, lr_scheduler_interval: Any
+    net: Any, parametrization: Any, loss_weighting: Any, t_eps: Any, lr_scheduler_interval: Any, cond_dropout: Any
 ) -> tuple[OutputParametrization, LossWeighting]:
     """Check FlowMatching's arguments (each error names the argument).
 
@@ -88,6 +86,13 @@ def _checked(
         raise ValueError(f"t_eps must lie in [0, 0.5), got {t_eps!r}")
     if lr_scheduler_interval not in ("step", "epoch"):
         raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+    if isinstance(cond_dropout, bool) or not isinstance(cond_dropout, (int, float)) or not 0 <= cond_dropout <= 1:
+        raise ValueError(f"cond_dropout must be a probability in [0, 1], got {cond_dropout!r}")
+    if cond_dropout > 0 and not Conditioning.of(net).is_conditional:
+        raise ValueError(
+            f"cond_dropout={cond_dropout} needs a conditional network (num_classes or cond_dim); this one is "
+            "unconditional"
+        )
     return param, param.default_loss_weighting if loss_weighting is None else loss_weighting
 
 
@@ -106,16 +111,21 @@ def _report_global_batch(module: L.LightningModule, per_device: int) -> None:
     module.log("global_batch_size", float(global_batch), rank_zero_only=True, batch_size=per_device)
 
 
-class FlowMatching(L.LightningModule):
+class FlowMatching(FlowInference, L.LightningModule):
     """Flow matching on a Gaussian path ``x_t = alpha_t x1 + sigma_t x0`` (t = 0 noise, t = 1 data).
 
-    Trains ``net`` on ``E || v_theta(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2 / D``, ``t ~ U[t_eps, 1 - t_eps]``, in
-    fp32 (:mod:`ko_lightning.objective`); :attr:`param` is what ``net`` predicts (docs/math.md §1.3). The path is
+    Trains ``net`` on ``E || v_theta(x_t, t) - (alpha'_t x1 + sigma'_t x0) ||^2 / D`` over ``t`` in
+    ``[t_eps, 1 - t_eps]`` (uniform unless ``time_sampler`` says otherwise), in fp32 (:mod:`ko_lightning.objective`);
+    :attr:`param` is what ``net`` predicts (docs/math.md §1.3). The path is
     schedule state, not a weight: outside the parameters and buffers (weight averaging and DDP broadcasts leave it
     alone), on the module's device, saved in checkpoints, changed by :meth:`set_path` (the KO callback does).
 
+    Sampling, likelihoods and classifier-free guidance come from :class:`~ko_lightning.inference.FlowInference`.
+
     Args:
-        net: any module with ``forward(x, t)``, ``t`` of shape ``(B,)``.
+        net: any module with ``forward(x, t)``, ``t`` of shape ``(B,)``; a conditional one (an attribute
+            ``num_classes`` or ``cond_dim``) takes ``forward(x, t, cond=None)`` and trains on batches ``(x, y)`` or
+            ``{"x": ..., "y": ...}`` (docs/math.md §7).
         path: the Gaussian path (default ``CondOTPath()``).
         parametrization: ``"velocity"``, ``"x1"``, ``"eps"`` or ``"polar_v"`` (path-invariant, docs/math.md §5.2).
         loss_weighting: ``"velocity"`` or ``"output"`` (plain MSE of the net output); None: ``"output"`` for polar_v.
@@ -127,6 +137,11 @@ class FlowMatching(L.LightningModule):
         val_seed: seed of the fixed noise and times of validation/test losses (comparable across epochs).
         check_finite: raise on non-finite values in a batch (one device sync per step).
         train_seed: seed of the training noise, mixed with step and rank (exact resume); None: drawn at fit start.
+        cond_dropout: probability that a training sample's condition is replaced by "no condition" (classifier-free
+            guidance training; drawn from the step's seeded generator).
+        time_sampler: the density of training times (docs/math.md §1.4): ``"auto"`` (uniform; on a solved KO path
+            the same objective drawn by importance sampling, ``"speed"``), ``"uniform"``, ``"speed"``,
+            ``"logit_normal"``, ``"logit_normal(m, s)"`` or a callable ``(batch_size, generator) -> u in [0, 1]``.
     """
 
     def __init__(
@@ -143,11 +158,19 @@ class FlowMatching(L.LightningModule):
         val_seed: int = 1234,
         check_finite: bool = True,
         train_seed: int | None = None,
+        cond_dropout: float = 0.0,
+        time_sampler: TimeSamplerSpec = "auto",
     ) -> None:
         super().__init__()
-        self.param, self.loss_weighting = _checked(net, parametrization, loss_weighting, t_eps, lr_scheduler_interval)
-        self.save_hyperparameters(ignore=["net", "path", "optimizer", "lr_scheduler"])
+        self.param, self.loss_weighting = _checked(
+            net, parametrization, loss_weighting, t_eps, lr_scheduler_interval, cond_dropout
+        )
+        self.time_sampler = make_time_sampler(time_sampler)
+        self.save_hyperparameters(ignore=["net", "path", "optimizer", "lr_scheduler", "time_sampler"])
+        self.hparams["time_sampler"] = time_sampler_name(self.time_sampler)  # a name, also for a callable
         self.net = net
+        self.conditioning = Conditioning.of(net)
+        self.cond_dropout = float(cond_dropout)
         self.parametrization: Parametrization = parametrization  # the name: hyperparameters and checkpoints hold it
         self.optimizer_factory = _plain_factory(optimizer)  # picklable: EMA deep-copies us, ddp_spawn pickles us
         self.lr_scheduler_factory = _plain_factory(lr_scheduler)
@@ -176,35 +199,31 @@ class FlowMatching(L.LightningModule):
             raise TypeError(f"path must be a ko_lightning.paths.GaussianPath, got {type(path).__name__}")
         object.__setattr__(self, "_path", path)
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
-        """Model velocity ``v_theta(x, t)`` in fp32, whatever the parametrization (``t`` checked to lie in [0, 1])."""
-        return self._solver_velocity(x, t, validate=True)
-
-    def _solver_velocity(self, x: Tensor, t: Tensor, validate: bool = False) -> Tensor:
-        """:meth:`velocity` for the ODE solvers, which keep ``t`` in [0, 1]: by default no range check (a sync)."""
-        c = self.path.at(t, x, validate)
-        return self._output_to_velocity(self.param.net_output(self.net, x, t, c), x, c)
-
-    def _output_to_velocity(self, out: Tensor, x_t: Tensor, c: PathCoefficients) -> Tensor:
-        return self.param.to_velocity(out, x_t, c)
-
-    def predict_x1(self, x: Tensor, t: Tensor) -> Tensor:
-        """Model estimate of ``E[x1 | x_t = x]`` in fp32 (used by the separation-function estimator)."""
-        c = self.path.at(t, x)
-        return self.param.to_x1(self.param.net_output(self.net, x, t, c), x, c)
-
     def sample_time(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """``t ~ U[t_eps, 1 - t_eps]``, shape ``(batch_size,)``, fp32."""
-        return sample_time(batch_size, device, self.t_eps, generator)
+        """Training times in ``[t_eps, 1 - t_eps]`` from :attr:`time_sampler` on the current path, shape
+        ``(batch_size,)`` (an importance sampler's times, whose loss weights :meth:`loss` applies)."""
+        return draw_times(batch_size, device, self.t_eps, generator, self.time_sampler, self.path)[0]
 
-    def loss(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Conditional flow-matching loss for a data batch ``x1`` (fresh noise and times)."""
-        t, x0 = draw_time_and_noise(x1, self.t_eps, generator)
-        return self.loss_at(x0, x1, t)
+    def loss(
+        self,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        cond: Tensor | None = None,
+        cond_dropout: float = 0.0,
+    ) -> Tensor:
+        """Conditional flow-matching loss for a data batch ``x1`` (fresh times, then noise, then the condition
+        dropout, all from ``generator``); ``cond``: its conditions (conditional networks)."""
+        t, x0, weights = draw_time_and_noise(x1, self.t_eps, generator, self.time_sampler, self.path)
+        if cond is not None:
+            cond = self.conditioning.drop(cond, cond_dropout, generator)
+        return self.loss_at(x0, x1, t, cond, weights)
 
-    def loss_at(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        """Loss for given noise, data and times (:func:`ko_lightning.objective.flow_matching_loss`)."""
-        return flow_matching_loss(self.net, self.param, self.path, x0, x1, t, self.loss_weighting)
+    def loss_at(
+        self, x0: Tensor, x1: Tensor, t: Tensor, cond: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
+        """Loss for given noise, data, times, conditions and importance weights
+        (:func:`ko_lightning.objective.flow_matching_loss`)."""
+        return flow_matching_loss(self.net, self.param, self.path, x0, x1, t, self.loss_weighting, cond, weights)
 
     def _batch_tensor(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         """The data of a batch, checked (:func:`~ko_lightning.batches.check_batch`), as fp32."""
@@ -212,14 +231,19 @@ class FlowMatching(L.LightningModule):
         self.data_shape = tuple(x.shape[1:])  # the first batch fixes an unknown shape; later ones were checked
         return x.float()
 
+    def _batch_cond(self, batch: Any, batch_idx: int, stage: str, batch_size: int) -> Tensor | None:
+        """The conditions of a batch for a conditional network (checked), else None (:func:`batch_condition`)."""
+        return batch_condition(batch, f"{stage} batch {batch_idx}", self.conditioning, batch_size)
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x1 = self._batch_tensor(batch, batch_idx, "train")
+        cond = self._batch_cond(batch, batch_idx, "train", x1.shape[0])
         if not self._global_batch_reported:
             self._global_batch_reported = True
             _report_global_batch(self, x1.shape[0])
         with step_randomness(self._noise_seed(), self.global_step, self.global_rank, x1.device) as generator:
-            loss = self.loss(x1, generator=generator)
+            loss = self.loss(x1, generator, cond, self.cond_dropout)
         self.log("train/loss", loss, prog_bar=True, batch_size=x1.shape[0])
         return loss
 
@@ -238,7 +262,9 @@ class FlowMatching(L.LightningModule):
 
     def _fixed_noise_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         x1 = self._batch_tensor(batch, batch_idx, stage)
-        loss = self.loss(x1, generator=torch.Generator(device=x1.device).manual_seed(self.val_seed + batch_idx))
+        cond = self._batch_cond(batch, batch_idx, stage, x1.shape[0])
+        generator = torch.Generator(device=x1.device).manual_seed(self.val_seed + batch_idx)
+        loss = self.loss(x1, generator, cond)  # the conditional model's loss: no condition dropout
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=x1.shape[0])
         return loss
 
@@ -260,12 +286,14 @@ class FlowMatching(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_module_state(checkpoint, self.path, self.data_shape, self.parametrization, self._noise_seed())
+        write_module_state(
+            checkpoint, self.path, self.data_shape, self.parametrization, self._noise_seed(), self.conditioning
+        )
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore path, data shape and noise seed (:func:`~ko_lightning.checkpointing.read_module_state` checks)."""
-        state = read_module_state(checkpoint, self.parametrization)
+        state = read_module_state(checkpoint, self.parametrization, self.conditioning)
         if state is None:  # only net weights: they load, the rest stays the constructor's
             rank_zero_warn(missing_state_message(self.path, self.data_shape), category=UserWarning, stacklevel=5)
             return
@@ -283,76 +311,3 @@ class FlowMatching(L.LightningModule):
         check_checkpoint_file(checkpoint_path)
         kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    @contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Run the network in eval mode (dropout off), restoring the previous mode afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
-    def _flow(self) -> ModelFlow:
-        """This model's flow over its trained range ``[t_eps, 1 - t_eps]``, as the ODE solvers see it."""
-        return ModelFlow(self._solver_velocity, self.path, self.param, self.t_eps, self.data_shape, self.device)
-
-    def sample(
-        self,
-        num_samples: int | None = None,
-        x0: Tensor | None = None,
-        method: str = "euler",
-        steps: int | None = None,
-        atol: float | None = None,
-        rtol: float | None = None,
-        generator: torch.Generator | None = None,
-        time_points: Tensor | None = None,
-        max_num_steps: int | None = None,
-        grid: SampleGrid | None = None,
-    ) -> SampleResult:
-        """Samples: solve ``dx/dt = v_theta(x, t)`` from ``x0 ~ N(0, I)`` at ``t_eps`` to ``1 - t_eps``, in eval mode.
-        Arguments, defaults and errors: :meth:`ko_lightning.model_flow.ModelFlow.sample` (``grid="angle"``, the
-        default on a solved KO path, steps equally in the path's angle)."""
-        with self.eval_mode():
-            return self._flow().sample(
-                num_samples, x0, method, steps, atol, rtol, generator, time_points, max_num_steps, grid
-            )
-
-    def log_prob(
-        self,
-        x: Tensor,
-        method: str = "dopri5",
-        steps: int | None = None,
-        atol: float | None = None,
-        rtol: float | None = None,
-        divergence: str = "auto",
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        max_num_steps: int | None = None,
-    ) -> LogProbResult:
-        """Log-density of data ``x`` under the flow :meth:`sample` draws from, in eval mode.
-        Arguments and errors: :meth:`ko_lightning.model_flow.ModelFlow.log_prob`."""
-        with self.eval_mode():
-            return self._flow().log_prob(x, method, steps, atol, rtol, divergence, generator, progress, max_num_steps)
-
-    def bpd(
-        self,
-        x: Tensor,
-        method: str = "dopri5",
-        steps: int | None = None,
-        atol: float | None = None,
-        rtol: float | None = None,
-        divergence: str = "auto",
-        num_bins: int = 256,
-        data_range: tuple[float, float] = (-1.0, 1.0),
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        max_num_steps: int | None = None,
-    ) -> BitsPerDimResult:
-        """Bits per dimension of integer images ``x`` in ``[0, num_bins - 1]``, in eval mode.
-        Arguments and errors: :meth:`ko_lightning.model_flow.ModelFlow.bpd`."""
-        with self.eval_mode():
-            return self._flow().bpd(
-                x, method, steps, atol, rtol, divergence, num_bins, data_range, generator, progress, max_num_steps
-            )

@@ -80,6 +80,8 @@ class SolverSpec:
         rtol: relative tolerance (adaptive methods only; default 1e-5).
         max_num_steps: step attempts an adaptive solve may take before it stops with a :class:`SolverError`
             (adaptive methods only; default :data:`DEFAULT_MAX_NUM_STEPS`).
+        grid: the times a fixed-step method steps through, from the start of the solve to its end (``steps`` is
+            then ``len(grid) - 1``); None: ``steps`` equal steps.
 
     Raises:
         ValueError: naming the argument, for an unknown method or a knob that does not belong to the method.
@@ -90,8 +92,17 @@ class SolverSpec:
     atol: float | None = None
     rtol: float | None = None
     max_num_steps: int | None = None
+    grid: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.grid is not None:
+            if self.method not in FIXED_STEP_METHODS:
+                raise ValueError(f"a time grid applies to fixed-step methods only; method={self.method!r} is adaptive")
+            if len(self.grid) < 2:
+                raise ValueError(f"a time grid needs at least 2 times, got {len(self.grid)}")
+            if self.steps is not None and self.steps != len(self.grid) - 1:
+                raise ValueError(f"steps={self.steps} disagrees with a time grid of {len(self.grid) - 1} steps")
+            object.__setattr__(self, "steps", len(self.grid) - 1)
         if self.method in FIXED_STEP_METHODS:
             if self.atol is not None or self.rtol is not None:
                 raise ValueError(f"atol/rtol apply to adaptive methods only; method={self.method!r} takes steps")
@@ -277,7 +288,12 @@ def _odeint(func: RHS, y0: Any, times: Tensor, solver: SolverSpec, prefix: str) 
     def uniform_grid(f: object, y: Any, t: Tensor) -> Tensor:
         return torch.linspace(float(t[0]), float(t[-1]), steps + 1, device=t.device, dtype=t.dtype)
 
-    return odeint(fixed, y0, times, method=method, options={"grid_constructor": uniform_grid}), fixed
+    def given_grid(f: object, y: Any, t: Tensor) -> Tensor:
+        grid = torch.tensor(solver.grid, device=t.device, dtype=t.dtype)
+        return grid if float(t[-1]) > float(t[0]) else grid.flip(0)
+
+    constructor = uniform_grid if solver.grid is None else given_grid
+    return odeint(fixed, y0, times, method=method, options={"grid_constructor": constructor}), fixed
 
 
 def _raise_if_non_finite(

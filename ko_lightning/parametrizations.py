@@ -77,14 +77,21 @@ class OutputParametrization(ABC):
         return x_t, t
 
     def net_output(
-        self, net: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, c: PathCoefficients
+        self,
+        net: Callable[..., Tensor],
+        x_t: Tensor,
+        t: Tensor,
+        c: PathCoefficients,
+        cond: Tensor | None = None,
     ) -> Tensor:
-        """Run ``net`` on :meth:`net_input` and check that its output has the shape of ``x_t``.
+        """Run ``net`` on :meth:`net_input` (and ``cond=cond`` when a condition is given: an unconditional network is
+        always called as ``net(x, t)``) and check that its output has the shape of ``x_t``.
 
         Raises:
             ValueError: naming both shapes, when the network's output and input differ in shape.
         """
-        out = net(*self.net_input(x_t, t, c))
+        args = self.net_input(x_t, t, c)
+        out = net(*args) if cond is None else net(*args, cond=cond)
         if out.shape != x_t.shape:
             raise ValueError(f"net output has shape {tuple(out.shape)} but its input x has {tuple(x_t.shape)}")
         return out

@@ -36,7 +36,8 @@ class PathModule(Protocol):
         ...
 
     def predict_x1(self, x: Tensor, t: Tensor) -> Tensor:
-        """The model's estimate of ``E[x1 | x_t = x]`` in fp32, ``t`` of shape ``(B,)``."""
+        """The model's estimate of ``E[x1 | x_t = x]`` in fp32, ``t`` of shape ``(B,)``. A conditional module
+        (one with a ``conditioning``, docs/math.md §7) also takes ``cond=`` and returns ``E[x1 | x_t = x, cond]``."""
         ...
 
     def eval_mode(self) -> AbstractContextManager[None]:

@@ -9,8 +9,9 @@ import numpy as np
 import yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-IMAGE_RECIPES = ("cifar10.yaml", "imagenet32.yaml", "imagenet64.yaml")
-ALL_RECIPES = ("checkerboard.yaml", "digits.yaml", *IMAGE_RECIPES)
+IMAGE_RECIPES = ("cifar10.yaml", "cifar10_conditional.yaml", "imagenet32.yaml", "imagenet64.yaml")
+DIGITS_RECIPES = ("digits.yaml", "digits_conditional.yaml")
+ALL_RECIPES = ("checkerboard.yaml", *DIGITS_RECIPES, *IMAGE_RECIPES)
 
 _CALLBACK_OVERRIDES: dict[str, dict[str, Any]] = {
     "KOScheduleCallback": {
@@ -22,14 +23,18 @@ _CALLBACK_OVERRIDES: dict[str, dict[str, Any]] = {
         "batch_size": 16,
     },
     "SampleReport": {"num_samples": 8, "euler_steps": [2]},
+    "GuidanceReport": {"num_per_class": 2, "euler_steps": 2, "num_shown": 1},
 }
 
 
-def tiny_image_file(directory: Path, n: int = 48, size: int = 8) -> Path:
-    """A small uint8 NHWC ``.npz`` of random images, standing in for the data a GPU recipe reads."""
-    images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+def tiny_image_file(directory: Path, n: int = 48, size: int = 8, num_classes: int = 10) -> Path:
+    """A small uint8 NHWC ``.npz`` of random images, standing in for the data a GPU recipe reads, with random
+    class labels ``0..num_classes - 1`` under ``labels`` (read by the conditional recipes only)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % num_classes  # every class present, so the data have num_classes classes
     path = directory / "tiny.npz"
-    np.savez(path, x=images)
+    np.savez(path, x=images, labels=rng.permutation(labels))
     return path
 
 
@@ -40,11 +45,13 @@ def shrink_recipe(
     accelerator: str = "cpu",
     devices: int = 1,
     strategy: str = "auto",
+    classifier_cache_dir: Path | None = None,
 ) -> Path:
     """Write a toy-size copy of ``recipes/<recipe>`` into ``directory`` and return its path.
 
     Every callback, the logger, the precision and the parametrization of the recipe stay; only sizes shrink
-    (steps, network width, data, estimator queries, report samples), and every output goes under ``directory``.
+    (steps, network width, data, estimator queries, report samples), and every output goes under ``directory``
+    (the digits classifier of a guidance report too, unless ``classifier_cache_dir`` names a shared cache).
     """
     directory.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((RECIPES / recipe).read_text())
@@ -63,6 +70,8 @@ def shrink_recipe(
         args = callback.setdefault("init_args", {})
         name = callback["class_path"].rsplit(".", 1)[-1]
         args.update(_CALLBACK_OVERRIDES.get(name, {}))
+        if name == "GuidanceReport":
+            args["classifier_cache_dir"] = str(classifier_cache_dir or directory / "classifier_cache")
         if name == "ModelCheckpoint":
             args.update(every_n_train_steps=2, dirpath=str(directory / "ckpt"))
     model = config["model"]
@@ -71,7 +80,7 @@ def shrink_recipe(
     if recipe in IMAGE_RECIPES:
         net.update(image_size=8, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4])
         data.update(path=str(tiny_image_file(directory)), batch_size=8, num_workers=0)
-    elif recipe == "digits.yaml":
+    elif recipe in DIGITS_RECIPES:
         net.update(base_channels=16, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[])
         data.update(batch_size=32)
     else:  # 2D toys

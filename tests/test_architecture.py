@@ -19,6 +19,13 @@ LIGHTNING_FREE = (
     "ko_lightning.likelihood",
     "ko_lightning.parametrizations",
     "ko_lightning.metrics",
+    "ko_lightning.conditioning",
+    "ko_lightning.guidance",
+    "ko_lightning.inference",
+    "ko_lightning.objective",
+    "ko_lightning.time_samplers",
+    "ko_lightning.time_grids",
+    "ko_lightning.model_flow",
 )
 
 

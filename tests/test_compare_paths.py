@@ -20,7 +20,15 @@ from ko_lightning.data import DigitsDataModule
 from ko_lightning.likelihood import bpd_from_log_prob, dequantize_pixels, discrete_bits_per_dim, pixel_bits_per_dim
 from ko_lightning.module import FlowMatching
 from ko_lightning.paths import CondOTPath
-from recipes.compare_paths import PATH_NAMES, ConfigError, config_from_dict, load_config, main, run_comparison
+from recipes.compare_paths import (
+    PATH_LABELS,
+    PATH_NAMES,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    main,
+    run_comparison,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.IGNORECASE)
@@ -102,6 +110,10 @@ def _check_filled(result_dir: Path, paths: list[str], metric_keys: set[str]) -> 
         assert angle["nll_bpd"] == plain["nll_bpd"] and angle["train_seconds"] == plain["train_seconds"]
         assert angle["solvers"]["dopri5"][quality] == plain["solvers"]["dopri5"][quality]
         assert angle["solvers"]["euler 2"][quality] != plain["solvers"]["euler 2"][quality]
+    if "cond_ot_logit_normal" in rows:  # a model of its own, trained on other times from the same start
+        logit = rows["cond_ot_logit_normal"]
+        assert logit["nll_bpd"] != rows["cond_ot"]["nll_bpd"] and logit["t_eps"] == 0.0
+        assert "logit-normal t" in markdown
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -287,6 +299,21 @@ def test_shipped_configs_load() -> None:
     digits = load_config(ROOT / "recipes" / "compare_paths_digits.yaml", {"train.max_steps": 7, "paths": ["ko"]})
     assert digits.is_digits and digits.net["kind"] == "unet" and digits.train.max_steps == 7
     assert digits.paths == ["ko"] and digits.train.dequantize
+
+
+def test_the_logit_normal_row_starts_from_the_same_weights_and_trains_on_logit_normal_times() -> None:
+    from recipes.compare_paths.build import build_model
+
+    config = load_config(ROOT / "recipes" / "compare_paths.yaml", {"paths": ["cond_ot", "cond_ot_logit_normal"]})
+    plain, logit = (build_model(config, name, (2,)) for name in config.paths)
+    assert str(plain.time_sampler) == "uniform" and str(logit.time_sampler) == "logit_normal(0, 1)"
+    assert isinstance(logit.path, CondOTPath) and logit.hparams["time_sampler"] == "logit_normal(0, 1)"
+    for a, b in zip(plain.state_dict().values(), logit.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the same seed: identical initial weights
+    assert (
+        PATH_LABELS["cond_ot_logit_normal"] == "Cond-OT, logit-normal t"
+        and config.t_eps_of("cond_ot_logit_normal") == 0
+    )
 
 
 @pytest.mark.parametrize(

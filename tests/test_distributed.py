@@ -77,7 +77,7 @@ def test_readme_torchrun_launch_of_the_default_demo_finishes_with_every_output(t
 
 
 def test_every_recipe_and_both_refresh_failures_under_torchrun(tmp_path) -> None:
-    """Every shipped recipe at toy size on two ranks (KO, EMA, bf16, checkpoints, report as configured), then a
+    """Every shipped recipe at toy size on two ranks (KO, EMA, bf16, checkpoints, reports as configured), then a
     refresh that fails on rank 0 (solve) and one that fails on rank 1 only (estimate): both ranks must end."""
     configs = [
         shrink_recipe(recipe, tmp_path / recipe.removesuffix(".yaml"), devices=2, strategy="ddp")
@@ -95,6 +95,8 @@ def test_every_recipe_and_both_refresh_failures_under_torchrun(tmp_path) -> None
         assert a["path"] == b["path"], recipe  # bit-identical KO tables on both ranks
         run_dirs = list((tmp_path / recipe.removesuffix(".yaml")).glob("*/version_0"))
         assert len(run_dirs) == 1 and (run_dirs[0] / "ko_schedule.png").is_file(), recipe
+        if "conditional" in recipe:  # the guidance report samples on rank 0 alone, after both ranks set it up
+            assert (run_dirs[0] / "guidance.md").is_file() and (run_dirs[0] / "guidance.png").is_file(), recipe
     solve0, solve1 = rank0[-2]["error"], rank1[-2]["error"]
     assert "solving the KO path at step 3 failed on rank 0: ZeroDivisionError" in solve0
     assert "solving the KO path at step 3 failed on rank 0: ZeroDivisionError" in solve1

@@ -61,10 +61,14 @@ def _table(path) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- distributed
-def test_two_process_ddp_refreshes_are_identical_and_pool_the_shares(tmp_path) -> None:
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "class-conditional"])
+def test_two_process_ddp_refreshes_are_identical_and_pool_the_shares(tmp_path, conditional: bool) -> None:
+    """Both ranks install bit-identical KO tables, and the all-reduced lambda is one process's estimate over both
+    ranks' shares; for a class-conditional model each rank holds its own share of labelled data (docs/math.md
+    §3.10)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_ko_refresh.py"), str(tmp_path)],
+        [sys.executable, str(SCRIPTS / "ddp_ko_refresh.py"), str(tmp_path), *(["conditional"] if conditional else [])],
         capture_output=True,
         text=True,
         timeout=240,

@@ -72,3 +72,8 @@ def test_gpu_image_recipe_smoke_on_cpu(tmp_path, recipe: str) -> None:
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert "current_model_state" in checkpoint  # EMA keeps both the averaged and the raw weights
     assert "ko_lightning" in checkpoint and checkpoint["ko_lightning"]["path"]["class"].endswith("TabulatedPath")
+    if "conditional" in recipe:  # a class embedding and the guidance report: NFE per scale, no classifier columns
+        assert cli.model.conditioning.num_classes == 10 and cli.model.cond_dropout == 0.1
+        table = (Path(cli.trainer.log_dir) / "guidance.md").read_text()
+        rows = re.findall(r"^\| ([0-9.]+) \| (\d+) \| [0-9.]+ \|$", table, flags=re.M)
+        assert [(float(w), int(n)) for w, n in rows] == [(0, 2), (1, 2), (1.5, 4), (2, 4), (3, 4)]

@@ -18,7 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ko_lightning.callbacks.distributed import all_reduce_sums, broadcast_from_rank_zero, compute_on_every_rank
-from ko_lightning.callbacks.ko_advice import warn_if_known_to_lose
+from ko_lightning.callbacks.ko_advice import check_conditional_setup, warn_if_known_to_lose
 from ko_lightning.callbacks.ko_data import global_normalization, local_separation_sums, training_data
 from ko_lightning.callbacks.ko_display import publish_refresh
 from ko_lightning.callbacks.ko_state import callback_state, restore_callback_state
@@ -177,6 +177,7 @@ class KOScheduleCallback(L.Callback):
         self.last_refresh_step = -1
         self.reports: list[RefreshReport] = []
         self._data: Tensor | None = None
+        self._conditions: Tensor | None = None  # one per data row, for a conditional model (docs/math.md §3.10)
         self._run_dir: str | None = None
 
     # ------------------------------------------------------------------ settings and state
@@ -203,12 +204,13 @@ class KOScheduleCallback(L.Callback):
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             rank_zero_warn(_SPAWN_WARNING, category=UserWarning)
         warn_if_known_to_lose(pl_module, self.gamma_floor)
+        check_conditional_setup(pl_module, self.estimator, self.init_from_data)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        self._data = training_data(trainer, self.max_data)
+        self._data, self._conditions = training_data(trainer, self.max_data, getattr(pl_module, "conditioning", None))
         if self.normalization is None:
             self.normalization = global_normalization(trainer, self._data)
         if self.init_from_data and self.refresh_count == 0 and trainer.global_step == 0:
@@ -292,7 +294,7 @@ class KOScheduleCallback(L.Callback):
         report.record_times(t_start, t_estimated, t_reduced, t_solved, time.perf_counter())
         self.reports.append(report)
         if trainer.is_global_zero:
-            self._publish(trainer, pl_module, report, outcome, pooled)
+            _publish(self, trainer, pl_module, report, outcome, pooled)
         return report
 
     def local_sums(
@@ -312,6 +314,7 @@ class KOScheduleCallback(L.Callback):
             seed=derive_seed(self.seed, refresh_index, rank),
             data_chunk=self.data_chunk,
             batch_size=self.batch_size,
+            conditions=self._conditions,
         )
 
     def _solve(self, sums: SeparationSums, old_path: GaussianPath) -> RefreshOutcome:
@@ -325,28 +328,30 @@ class KOScheduleCallback(L.Callback):
             gamma_floor=self.gamma_floor,
             second_moment=1.0 if self.normalization is None else self.normalization.second_moment,
             n_grid=self.n_grid,
+            conditional=self._conditions is not None,
         )
 
     def _sigma_min(self, path: GaussianPath) -> float:
         return float(path.sigma_min) if self.sigma_min is None else self.sigma_min
 
-    def _publish(
-        self,
-        trainer: L.Trainer,
-        pl_module: PathModule,
-        report: RefreshReport,
-        outcome: RefreshOutcome,
-        sums: SeparationSums,
-    ) -> None:
-        """Rank 0: log the numbers, print the table, draw the picture (no collectives in here)."""
-        picture = self.plot and report.installed and self.separation is not None and self._run_dir is not None
-        publish_refresh(
-            trainer.loggers,
-            report,
-            self._run_dir if picture else None,
-            self.separation,
-            outcome.old_schedule,
-            pl_module.path,
-            sums,
-            self._sigma_min(pl_module.path),
-        )
+
+def _publish(
+    callback: KOScheduleCallback,
+    trainer: L.Trainer,
+    pl_module: PathModule,
+    report: RefreshReport,
+    outcome: RefreshOutcome,
+    sums: SeparationSums,
+) -> None:
+    """Rank 0: log the numbers, print the table, draw the picture (no collectives in here)."""
+    picture = callback.plot and report.installed and callback.separation is not None and callback._run_dir is not None
+    publish_refresh(
+        trainer.loggers,
+        report,
+        callback._run_dir if picture else None,
+        callback.separation,
+        outcome.old_schedule,
+        pl_module.path,
+        sums,
+        callback._sigma_min(pl_module.path),
+    )

@@ -13,6 +13,8 @@ so a run resumed mid-epoch sees exactly the batches the uninterrupted run would 
 
 The data modules share their loaders through :class:`SplitTensorDataModule`, and the normalized ones (digits, 2D
 toys) their split tensors and docs/math.md §2 normalization through :class:`NormalizedSplitDataModule`.
+Class labels (opt-in, ``labels=True``) are one int64 tensor ``(N,)`` per split, indexed with the same index batch
+as the data: batches are then ``(x, y)``, each label with its sample under any shuffling, sharding or transform.
 """
 
 from __future__ import annotations
@@ -114,30 +116,45 @@ class IndexedTransform:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(batch, index)")
 
 
-class TensorBatchDataset(Dataset[Tensor]):
+class TensorBatchDataset(Dataset[Any]):
     """A tensor seen as a data set that is indexed with whole index batches.
 
     ``dataset[index]`` returns ``transform(data[index])`` (or ``transform(data[index], index)`` for an
     :class:`IndexedTransform`, or ``data[index]`` without transform), a plain tensor of shape ``(len(index), ...)``;
-    used with :class:`IndexBatchSampler` and ``DataLoader(batch_size=None)``.
+    used with :class:`IndexBatchSampler` and ``DataLoader(batch_size=None)``. With ``labels`` it returns the tuple
+    ``(x, labels[index])`` instead: the labels are indexed with the same index batch as the data (the transform
+    sees the data only), so each label stays with its sample under any sampler, shuffling or sharding.
 
     Args:
         data: the samples, shape ``(N, ...)``.
         transform: optional batch transform (must be picklable when loader workers are used).
+        labels: optional per-sample labels, shape ``(N,)`` (a ``ValueError`` names ``labels`` for another shape).
     """
 
-    def __init__(self, data: Tensor, transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None) -> None:
+    def __init__(
+        self,
+        data: Tensor,
+        transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None,
+        labels: Tensor | None = None,
+    ) -> None:
+        if labels is not None and (labels.ndim != 1 or labels.shape[0] != data.shape[0]):
+            raise ValueError(
+                f"labels must have shape (N,) = ({data.shape[0]},), one per sample of data, got {tuple(labels.shape)}"
+            )
         self.data = data
         self.transform = transform
+        self.labels = labels
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
-    def __getitem__(self, index: Tensor | int) -> Tensor:
+    def __getitem__(self, index: Tensor | int) -> Tensor | tuple[Tensor, Tensor]:
         batch = self.data[index]
         if isinstance(self.transform, IndexedTransform):
-            return self.transform(batch, torch.as_tensor(index))
-        return self.transform(batch) if self.transform is not None else batch
+            batch = self.transform(batch, torch.as_tensor(index))
+        elif self.transform is not None:
+            batch = self.transform(batch)
+        return batch if self.labels is None else (batch, self.labels[index])
 
 
 _END = object()
@@ -312,8 +329,10 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None,
+    labels: Tensor | None = None,
 ) -> IndexBatchLoader:
-    """An :class:`IndexBatchLoader` yielding plain tensor batches of ``data`` through :class:`IndexBatchSampler`.
+    """An :class:`IndexBatchLoader` yielding plain tensor batches of ``data`` through :class:`IndexBatchSampler`
+    (``(x, y)`` tuples with ``labels``).
 
     Its position in the epoch is part of Lightning's checkpoints (exact mid-epoch resume, see
     :class:`IndexBatchLoader`).
@@ -326,16 +345,18 @@ def make_loader(
         seed: base seed of the shuffling.
         num_workers: loader worker processes (0 loads in the main process, the fastest choice for in-memory data).
         transform: optional per-batch transform (an :class:`IndexedTransform` also receives the batch's indices).
+        labels: optional per-sample labels, shape ``(N,)``: batches are then ``(x, labels[index])`` tuples.
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     sampler = IndexBatchSampler(data.shape[0], batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
     return IndexBatchLoader(
-        TensorBatchDataset(data, transform),
+        TensorBatchDataset(data, transform, labels),
         batch_size=None,
         sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=None if labels is None else tuple,  # keeps (x, y) a tuple: torch's default would make a list
     )
 
 
@@ -422,16 +443,22 @@ class SplitTensorDataModule(L.LightningDataModule):
     Each batch goes through :meth:`_batch_transform` (none by default). A module without some split may raise from
     :meth:`_split` (as :class:`~ko_lightning.data.images.ImageDataModule` does for ``"test"`` without ``test_path``).
 
+    With ``labels=True`` the subclass also fills ``self._labels`` (split name -> int64 class indices ``(N,)``, row
+    ``i`` the class of row ``i`` of the split's tensor) whenever it fills a split; every loader then yields
+    ``(x, y)`` tuples, ``y`` the int64 labels ``(B,)`` of the batch's samples, and :meth:`labels_tensor` returns
+    a split's labels. With ``labels=False`` (the default) batches are plain tensors.
+
     Args:
         batch_size: batch size of all loaders.
         seed: base seed of the shuffling (subclasses also seed their splits with it).
         num_workers: loader worker processes (0 is best for in-memory data).
+        labels: yield ``(x, y)`` batches with the class labels ``y``.
 
     Raises:
         ValueError: naming ``batch_size`` if it is not positive, ``num_workers`` if it is negative.
     """
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, seed: int, num_workers: int, labels: bool = False) -> None:
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -440,10 +467,31 @@ class SplitTensorDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.labels = bool(labels)
+        self._labels: dict[str, Tensor] = {}
 
     def _split(self, split: str) -> Tensor:
         """The tensor that the loaders of ``split`` (``"train"``, ``"val"`` or ``"test"``) draw from."""
         raise NotImplementedError(f"{type(self).__name__} must implement _split(split)")
+
+    def _split_labels(self, split: str) -> Tensor | None:
+        """The labels of ``split`` aligned with :meth:`_split` (None with ``labels=False``)."""
+        if not self.labels:
+            return None
+        self._split(split)  # fills the split, and so its labels, if needed
+        return self._labels[split]
+
+    def labels_tensor(self, split: str = "train") -> Tensor:
+        """The class labels of a split (``"train"``, ``"val"`` or ``"test"``): int64 ``(N_split,)``, row ``i`` the
+        class of row ``i`` of the split's tensor (``train_tensor()``, ``val_tensor()``, ``test_tensor()``,
+        ``raw_tensor(split)``): ``labels_tensor("train")[:n]`` labels ``train_tensor(n)``. A ``ValueError`` names
+        ``labels`` if the module was built with ``labels=False``, ``split`` for another split name."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        labels = self._split_labels(split)
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} was built with labels=False: pass labels=True to get class labels")
+        return labels
 
     def _batch_transform(self, train: bool) -> Callable[[Tensor], Tensor] | IndexedTransform | None:
         """Transform applied to every batch of the train (``train=True``) or evaluation loaders; None: no transform."""
@@ -460,6 +508,7 @@ class SplitTensorDataModule(L.LightningDataModule):
             seed=derive_seed(self.seed, 3),
             num_workers=self.num_workers,
             transform=self._batch_transform(True),
+            labels=self._split_labels("train"),
         )
 
     def _eval_loader(self, split: str) -> IndexBatchLoader | list:
@@ -473,6 +522,7 @@ class SplitTensorDataModule(L.LightningDataModule):
             drop_last=False,
             num_workers=self.num_workers,
             transform=self._batch_transform(False),
+            labels=self._split_labels(split),
         )
 
     def val_dataloader(self) -> IndexBatchLoader | list:
@@ -489,19 +539,21 @@ class NormalizedSplitDataModule(SplitTensorDataModule):
 
     A subclass's ``setup`` fills ``self.mean`` and ``self.scale`` (the :func:`moment_normalization` statistics of
     its raw train split) and ``self._splits`` (``{"train", "val", "test"}`` -> normalized tensors), once: later
-    calls must do nothing. This class provides :meth:`normalize` and :meth:`denormalize` and the split tensors
-    :meth:`train_tensor`, :meth:`val_tensor` and :meth:`test_tensor`, running ``setup`` when first needed.
+    calls must do nothing (with ``labels=True`` it fills ``self._labels`` alongside). This class provides
+    :meth:`normalize` and :meth:`denormalize` and the split tensors :meth:`train_tensor`, :meth:`val_tensor` and
+    :meth:`test_tensor`, running ``setup`` when first needed; the split tensors stay plain tensors with labels too
+    (their labels: :meth:`labels_tensor`).
 
     Args:
-        batch_size, seed, num_workers: as in :class:`SplitTensorDataModule`.
+        batch_size, seed, num_workers, labels: as in :class:`SplitTensorDataModule`.
 
     Attributes:
         mean: per-feature train mean in raw units, shape ``data_shape`` (after ``setup``).
         scale: global scale, a 0-d tensor (after ``setup``).
     """
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
-        super().__init__(batch_size, seed, num_workers)
+    def __init__(self, batch_size: int, seed: int, num_workers: int, labels: bool = False) -> None:
+        super().__init__(batch_size, seed, num_workers, labels)
         self.mean: Tensor | None = None
         self.scale: Tensor | None = None
         self._splits: dict[str, Tensor] = {}

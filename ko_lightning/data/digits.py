@@ -15,11 +15,13 @@ _MAX_PIXEL = 16.0
 
 
 @functools.lru_cache(maxsize=1)
-def _load_digits_pixels() -> Tensor:
-    """The 1797 x 64 raw pixel values (0..16) of ``sklearn.datasets.load_digits``, read once per process."""
+def _load_digits() -> tuple[Tensor, Tensor]:
+    """The 1797 x 64 raw pixel values (0..16, float32) of ``sklearn.datasets.load_digits`` and their 1797 digit
+    classes (0..9, int64), read once per process."""
     from sklearn.datasets import load_digits  # bundled with sklearn: no download
 
-    return torch.as_tensor(load_digits().data, dtype=torch.float32)
+    digits = load_digits()
+    return torch.as_tensor(digits.data, dtype=torch.float32), torch.as_tensor(digits.target, dtype=torch.int64)
 
 
 class DigitsDataModule(NormalizedSplitDataModule):
@@ -28,7 +30,8 @@ class DigitsDataModule(NormalizedSplitDataModule):
     The 1797 images are split at random (seeded) into train/val/test. On the train split only, the per-pixel mean
     ``mu`` and one global scale ``c = sqrt(E||x - mu||^2 / 64)`` are computed, and every split is mapped to
     ``(x - mu) / c``: the train split then has mean 0 and per-dimension second moment 1. Batches are plain tensors
-    of shape ``(B, 1, 8, 8)``, or ``(B, 64)`` with ``flatten=True``.
+    of shape ``(B, 1, 8, 8)``, or ``(B, 64)`` with ``flatten=True``; with ``labels=True`` they are tuples
+    ``(x, y)``, ``y`` the int64 digit classes ``(B,)`` in ``0..9`` of the images (``load_digits().target``).
 
     Args:
         batch_size: batch size of all loaders (train reshuffles every epoch and drops the last incomplete batch).
@@ -37,12 +40,14 @@ class DigitsDataModule(NormalizedSplitDataModule):
         seed: seed of the split and of the shuffling.
         flatten: yield ``(B, 64)`` vectors instead of ``(B, 1, 8, 8)`` images.
         num_workers: loader worker processes (0 is best for in-memory data).
+        labels: yield ``(x, y)`` batches with the digit classes; :meth:`labels_tensor` gives a split's classes.
 
     Attributes:
         data_shape: ``(1, 8, 8)``, or ``(64,)`` with ``flatten=True``.
         mean: per-pixel train mean in raw pixel units, shape ``data_shape`` (after :meth:`setup`).
         scale: global scale, a 0-d tensor (after :meth:`setup`).
         indices: ``{"train", "val", "test"}`` -> indices into ``load_digits().data`` (after :meth:`setup`).
+        num_classes: 10 with ``labels=True``, None without (batches carry no labels).
 
     Example:
         >>> dm = DigitsDataModule(batch_size=64)
@@ -61,8 +66,9 @@ class DigitsDataModule(NormalizedSplitDataModule):
         seed: int = 0,
         flatten: bool = False,
         num_workers: int = 0,
+        labels: bool = False,
     ) -> None:
-        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
+        super().__init__(batch_size, seed, num_workers, labels)  # validates batch_size and num_workers
         split_sizes(1797, val_fraction, test_fraction)  # validates the fractions early
         self.save_hyperparameters(logger=False)
         self.val_fraction = val_fraction
@@ -70,12 +76,13 @@ class DigitsDataModule(NormalizedSplitDataModule):
         self.flatten = flatten
         self.data_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
         self.indices: dict[str, Tensor] = {}
+        self.num_classes: int | None = 10 if labels else None
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and normalize (once; later calls do nothing)."""
         if self._splits:
             return
-        raw = _load_digits_pixels()  # (1797, 64), values 0..16; never modified in place
+        raw, targets = _load_digits()  # (1797, 64), values 0..16, and (1797,); never modified in place
         sizes = split_sizes(raw.shape[0], self.val_fraction, self.test_fraction)
         if self.batch_size > sizes[0]:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {sizes[0]} training images")
@@ -86,6 +93,8 @@ class DigitsDataModule(NormalizedSplitDataModule):
         self._splits = {
             name: self.normalize(raw[idx].reshape(-1, *self.data_shape)) for name, idx in self.indices.items()
         }
+        if self.labels:
+            self._labels = {name: targets[idx] for name, idx in self.indices.items()}
 
     def denormalize(self, x: Tensor, clamp: bool = False) -> Tensor:
         """Model space -> raw pixel values: ``x * scale + mean``, the exact inverse of :meth:`normalize`.

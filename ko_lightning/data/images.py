@@ -2,7 +2,8 @@
 
 Typical inputs are CIFAR-10 (``(50000, 32, 32, 3)`` uint8), ImageNet-32/64 (the downsampled-ImageNet ``.npz``
 files store flattened ``(N, 3 * s * s)`` CHW rows under the key ``data``) or a folder of PNG/JPEG files. Nothing is
-ever downloaded. The whole set is held in memory as uint8 (``N * C * H * W`` bytes).
+ever downloaded. The whole set is held in memory as uint8 (``N * C * H * W`` bytes). Class labels, when asked for,
+come from the ``.npz`` file or from class sub-folders (:mod:`ko_lightning.data.labels`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import torch
 from torch import Tensor
 
 from ko_lightning.data.base import IndexedTransform, SplitTensorDataModule, derive_seed, split_indices, split_sizes
+from ko_lightning.data.labels import check_label_range, folder_class_labels, load_array_labels
 
-__all__ = ["IMAGE_EXTENSIONS", "NPZ_KEYS", "ImageDataModule", "load_image_folder", "load_image_array", "load_images"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "NPZ_KEYS",
+    "ImageDataModule",
+    "load_image_folder",
+    "load_image_array",
+    "load_images",
+    "load_labelled_images",
+]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 """File extensions read from image folders (case-insensitive)."""
@@ -66,14 +76,24 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> Tensor
         ValueError: naming the file if an image file is truncated or corrupt; if the images differ in size and no
             ``image_size`` is given.
     """
-    from PIL import Image
-
     root = Path(path)
+    return _read_image_files(root, _image_files(root), image_size)
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The image files under ``root`` (any depth), sorted by path: the order of :func:`load_image_folder`."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {str(root)!r}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    return files
+
+
+def _read_image_files(root: Path, files: list[Path], image_size: int | None) -> Tensor:
+    """Decode ``files`` (found under ``root``) into one uint8 ``(N, C, H, W)`` tensor, as :func:`load_image_folder`."""
+    from PIL import Image
+
     modes = set()
     for f in files:
         try:
@@ -232,6 +252,40 @@ def load_images(path: str | Path, image_size: int | None = None, npz_key: str | 
     return load_image_array(p, image_size, npz_key)
 
 
+def load_labelled_images(
+    path: str | Path,
+    image_size: int | None = None,
+    npz_key: str | None = None,
+    labels_key: str | None = None,
+    class_names: tuple[str, ...] | None = None,
+) -> tuple[Tensor, Tensor, tuple[str, ...] | None]:
+    """:func:`load_images` and the class label of every image.
+
+    From a folder, the classes are its sub-folders ``path/<class_name>/`` sorted by name (or indexed by
+    ``class_names``), see :func:`~ko_lightning.data.labels.folder_class_labels`; from an ``.npz`` file, the
+    integer array under ``labels_key`` (default: ``labels``, else ``y``), see
+    :func:`~ko_lightning.data.labels.load_array_labels`.
+
+    Returns:
+        ``(images, labels, names)``: uint8 ``(N, C, H, W)``, int64 ``(N,)`` (label ``i`` of image ``i``), and the
+        class names of a folder (None for an array file).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist or a folder holds no image.
+        ValueError: those of :func:`load_images`, and for missing, mis-shaped, non-integer or negative labels
+            (naming the file and the key), or images outside a class folder (naming the file).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image data path not found: {str(p)!r}")
+    if p.is_dir():
+        files = _image_files(p)
+        labels, names = folder_class_labels(p, files, class_names)  # before decoding: fails fast
+        return _read_image_files(p, files, image_size), labels, names
+    images = load_image_array(p, image_size, npz_key)
+    return images, load_array_labels(p, images.shape[0], labels_key), None
+
+
 def _index_generator(seed: int, index: Tensor) -> torch.Generator:
     """A generator seeded by ``seed`` and every index of a batch: a stream of its own for every batch of every epoch
     (the training batches are slices of a fresh random permutation), the same wherever the batch is produced."""
@@ -273,6 +327,13 @@ class ImageDataModule(SplitTensorDataModule):
     without flips (the validation loader is an empty list when ``val_fraction == 0``; the test loader raises a
     ``ValueError`` if no ``test_path`` was given).
 
+    With ``labels=True`` batches are tuples ``(x, y)``, ``y`` the int64 class labels ``(B,)`` of the batch's images:
+    from the ``.npz`` file (key ``labels`` or ``y``, or ``labels_key``: integers ``>= 0``, one per image) or from
+    the class sub-folders of an image folder (``path/<class_name>/*.png``, classes sorted by folder name). The labels
+    are split with their images and indexed with the same index batches (so they follow them through the
+    shuffling, flips and DDP sharding); :meth:`labels_tensor` gives those of a split, aligned with
+    :meth:`raw_tensor`. The labels of ``test_path`` are read the same way (class folders must be training classes).
+
     Args:
         path: a folder of image files (searched recursively) or a ``.npz``/``.npy`` uint8 array file.
         batch_size: batch size of all loaders (train reshuffles every epoch and drops the last incomplete batch).
@@ -283,13 +344,21 @@ class ImageDataModule(SplitTensorDataModule):
         random_flip: flip training images horizontally with probability 1/2.
         npz_key: key of the array in an ``.npz`` file (default: the first of ``x``, ``images``, ``arr_0``, ``data``).
         test_path: optional folder or array file of the test set (read like ``path``).
+        labels: yield ``(x, y)`` batches with the class labels.
+        labels_key: key of the labels in an ``.npz`` file (default: the first of ``labels``, ``y``).
 
     Attributes:
         data_shape: ``(C, H, W)`` (reading the data on first access).
+        num_classes: with ``labels=True``, the number of class folders, or ``1 + `` the largest label of ``path``'s
+            array file; None without labels (reading the data on first access).
+        class_names: the class folder names (class ``k`` is ``class_names[k]``), None for array files or without
+            labels (reading the data on first access).
 
     Raises:
         FileNotFoundError: naming ``path`` (or ``test_path``) if it does not exist.
-        ValueError: for non-uint8 pixel data, values outside ``[0, 255]`` or unreadable shapes.
+        ValueError: for non-uint8 pixel data, values outside ``[0, 255]`` or unreadable shapes; for bad labels
+            (naming the file and the key, see :func:`load_labelled_images`); naming ``labels_key`` if it is given
+            without ``labels=True``.
 
     Example:
         >>> dm = ImageDataModule("data/cifar10_train.npz", test_path="data/cifar10_test.npz")  # doctest: +SKIP
@@ -309,8 +378,12 @@ class ImageDataModule(SplitTensorDataModule):
         random_flip: bool = True,
         npz_key: str | None = None,
         test_path: str | None = None,
+        labels: bool = False,
+        labels_key: str | None = None,
     ) -> None:
-        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
+        super().__init__(batch_size, seed, num_workers, labels)  # validates batch_size and num_workers
+        if labels_key is not None and not labels:
+            raise ValueError(f"labels_key={labels_key!r} is only read with labels=True")
         bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0
         if image_size is not None and bad_size:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
@@ -325,20 +398,32 @@ class ImageDataModule(SplitTensorDataModule):
         self.random_flip = random_flip
         self.npz_key = npz_key
         self.test_path = None if test_path is None else str(test_path)
+        self.labels_key = labels_key
         self.indices: dict[str, Tensor] = {}
         self._raw: dict[str, Tensor] = {}
+        self._class_names: tuple[str, ...] | None = None
+        self._num_classes: int | None = None
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
         """Read and split the data (once; later calls do nothing). The test set is read when first needed."""
         if "train" in self._raw:
             return
-        raw = load_images(self.path, self.image_size, self.npz_key)
+        labels: Tensor | None = None
+        if self.labels:
+            raw, labels, names = load_labelled_images(self.path, self.image_size, self.npz_key, self.labels_key)
+            self._class_names = names
+            largest = int(labels.max()) if labels.numel() else -1
+            self._num_classes = len(names) if names is not None else largest + 1
+        else:
+            raw = load_images(self.path, self.image_size, self.npz_key)
         n_train, n_val, _ = split_sizes(raw.shape[0], self.val_fraction)
         if self.batch_size > n_train:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n_train} training images")
         train_idx, val_idx = split_indices(raw.shape[0], [n_train, n_val], self.seed)
         self.indices = {"train": train_idx, "val": val_idx}
+        if labels is not None:
+            self._labels = {"train": labels[train_idx], "val": labels[val_idx]}
         self._raw["train"], self._raw["val"] = raw[train_idx], raw[val_idx]
 
     def raw_tensor(self, split: str = "train") -> Tensor:
@@ -349,14 +434,50 @@ class ImageDataModule(SplitTensorDataModule):
         if split == "test" and "test" not in self._raw:
             if self.test_path is None:
                 raise ValueError("no test set: pass test_path to ImageDataModule")
-            test = load_images(self.test_path, self.image_size, self.npz_key)
+            test_labels = None
+            if self.labels:
+                test, test_labels = self._read_test_labelled(self.test_path)
+            else:
+                test = load_images(self.test_path, self.image_size, self.npz_key)
             if tuple(test.shape[1:]) != self.data_shape:
                 raise ValueError(
                     f"test_path images have shape {tuple(test.shape[1:])}, the training images {self.data_shape}; "
                     "pass image_size to resize both"
                 )
+            if test_labels is not None:
+                self._labels["test"] = test_labels
             self._raw["test"] = test
         return self._raw[split]
+
+    def _read_test_labelled(self, test_path: str) -> tuple[Tensor, Tensor]:
+        """The images and labels of ``test_path``, indexed like the training classes."""
+        if Path(test_path).is_dir() and self._class_names is None:
+            raise ValueError(
+                f"test_path {test_path!r} is a folder of class folders, but the training labels of {self.path!r} "
+                "are integers without class names: give the test set as an .npz file with labels"
+            )
+        test, labels, _ = load_labelled_images(
+            test_path, self.image_size, self.npz_key, self.labels_key, self._class_names
+        )
+        assert self._num_classes is not None
+        check_label_range(labels, self._num_classes, f"test_path {test_path!r}")
+        return test, labels
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes with ``labels=True`` (reads the data if needed), None without labels."""
+        if not self.labels:
+            return None
+        self.setup()
+        return self._num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class folder names (class ``k`` is ``class_names[k]``); None for array files or without labels."""
+        if not self.labels:
+            return None
+        self.setup()
+        return self._class_names
 
     @property
     def data_shape(self) -> tuple[int, int, int]:

@@ -2,6 +2,12 @@
 
 The samplers return raw (un-normalized) points; :class:`Toy2DDataModule` draws fixed train/val/test sets from them
 and normalizes them as in docs/math.md §2 (mean 0, per-dimension second moment 1).
+
+The sets with a discrete structure also have a labelled sampler, ``sample_<name>_with_labels(n, generator, ...)``
+-> ``(x, y)`` (:data:`TOY2D_LABELLED_SAMPLERS`): it draws the same random numbers in the same order as
+``sample_<name>``, so ``x`` is the very tensor ``sample_<name>`` returns for an equally seeded generator, and ``y``
+(int64, shape ``(n,)``) is the class each point was drawn from: the black square (checkerboard), the mixture
+component (eight_gaussians, mixture12), the moon (moons) or the ring (rings). The spiral, one arm, has no class.
 """
 
 from __future__ import annotations
@@ -16,14 +22,22 @@ from torch import Tensor
 from ko_lightning.data.base import NormalizedSplitDataModule, derive_seed, moment_normalization
 
 __all__ = [
+    "TOY2D_LABELLED_SAMPLERS",
+    "TOY2D_NUM_CLASSES",
     "TOY2D_SAMPLERS",
     "Toy2DDataModule",
+    "checkerboard_square",
     "on_checkerboard",
     "sample_checkerboard",
+    "sample_checkerboard_with_labels",
     "sample_eight_gaussians",
+    "sample_eight_gaussians_with_labels",
     "sample_mixture12",
+    "sample_mixture12_with_labels",
     "sample_moons",
+    "sample_moons_with_labels",
     "sample_rings",
+    "sample_rings_with_labels",
     "sample_spiral",
 ]
 
@@ -61,12 +75,34 @@ def sample_checkerboard(n: int, generator: torch.Generator | None = None) -> Ten
         >>> bool(on_checkerboard(x).all())
         True
     """
+    return sample_checkerboard_with_labels(n, generator)[0]
+
+
+def sample_checkerboard_with_labels(n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sample_checkerboard` and the black square of each point (the same draws: the same points).
+
+    The 8 black squares are numbered by their lower-left corners ``(i, j)`` in lexicographic order, so the square of
+    a point is ``2 (i + 2) + (j + 2) // 2`` with ``(i, j) = (floor(x), floor(y))`` (:func:`checkerboard_square`).
+
+    Returns:
+        ``(x, y)``: points ``(n, 2)`` float32 and squares ``(n,)`` int64 in ``0..7``.
+    """
     n = _check_n(n)
     corners = torch.tensor(
         [(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0], dtype=torch.float32
-    )  # (8, 2) lower-left corners of the black cells
+    )  # (8, 2) lower-left corners of the black cells, in lexicographic order
     cell = torch.randint(0, corners.shape[0], (n,), generator=generator)
-    return corners[cell] + torch.rand(n, 2, generator=generator)
+    return corners[cell] + torch.rand(n, 2, generator=generator), cell
+
+
+def checkerboard_square(x: Tensor) -> Tensor:
+    """The label of :func:`sample_checkerboard_with_labels` computed from the coordinates of points on the black
+    squares (shape ``(N, 2)``, raw coordinates): ``2 (floor(x) + 2) + (floor(y) + 2) // 2``, int64 ``(N,)``.
+    Meaningful only where :func:`on_checkerboard` holds."""
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"x must have shape (N, 2), got {tuple(x.shape)}")
+    cells = torch.floor(x).long() + 2
+    return 2 * cells[:, 0] + torch.div(cells[:, 1], 2, rounding_mode="floor")
 
 
 def on_checkerboard(x: Tensor) -> Tensor:
@@ -100,12 +136,24 @@ def sample_eight_gaussians(
         >>> sample_eight_gaussians(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
     """
+    return sample_eight_gaussians_with_labels(n, generator, radius, std)[0]
+
+
+def sample_eight_gaussians_with_labels(
+    n: int, generator: torch.Generator | None = None, radius: float = 2.0, std: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_eight_gaussians` and the component ``k`` of each point (the same draws: the same points).
+
+    Returns:
+        ``(x, y)``: points ``(n, 2)`` float32 and components ``(n,)`` int64 in ``0..7``, the centre of component
+        ``k`` at angle ``2 pi k / 8``.
+    """
     n = _check_n(n)
     _check_nonnegative("std", std)
-    k = torch.randint(0, 8, (n,), generator=generator).float()
-    angle = 2 * math.pi * k / 8
+    component = torch.randint(0, 8, (n,), generator=generator)
+    angle = 2 * math.pi * component.float() / 8
     centres = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-    return centres + std * torch.randn(n, 2, generator=generator)
+    return centres + std * torch.randn(n, 2, generator=generator), component
 
 
 def sample_moons(n: int, generator: torch.Generator | None = None, noise: float = 0.1) -> Tensor:
@@ -126,14 +174,26 @@ def sample_moons(n: int, generator: torch.Generator | None = None, noise: float 
         >>> sample_moons(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
     """
+    return sample_moons_with_labels(n, generator, noise)[0]
+
+
+def sample_moons_with_labels(
+    n: int, generator: torch.Generator | None = None, noise: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_moons` and the moon of each point (the same draws: the same points).
+
+    Returns:
+        ``(x, y)``: points ``(n, 2)`` float32 and moons ``(n,)`` int64: 0 for the upper moon, 1 for the lower.
+    """
     n = _check_n(n)
     _check_nonnegative("noise", noise)
-    lower = torch.randint(0, 2, (n,), generator=generator).bool()
+    moon = torch.randint(0, 2, (n,), generator=generator)
+    lower = moon.bool()
     a = math.pi * torch.rand(n, generator=generator)
     upper_pts = torch.stack([torch.cos(a), torch.sin(a)], dim=1)
     lower_pts = torch.stack([1 - torch.cos(a), 0.5 - torch.sin(a)], dim=1)
     x = torch.where(lower[:, None], lower_pts, upper_pts)
-    return x + noise * torch.randn(n, 2, generator=generator)
+    return x + noise * torch.randn(n, 2, generator=generator), moon
 
 
 def sample_rings(n: int, generator: torch.Generator | None = None, noise: float = 0.01) -> Tensor:
@@ -154,12 +214,25 @@ def sample_rings(n: int, generator: torch.Generator | None = None, noise: float 
         >>> sample_rings(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 2])
     """
+    return sample_rings_with_labels(n, generator, noise)[0]
+
+
+def sample_rings_with_labels(
+    n: int, generator: torch.Generator | None = None, noise: float = 0.01
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_rings` and the ring of each point (the same draws: the same points).
+
+    Returns:
+        ``(x, y)``: points ``(n, 2)`` float32 and rings ``(n,)`` int64 in ``0..2``, ring ``k`` of radius
+        ``0.4 + 0.3 k``.
+    """
     n = _check_n(n)
     _check_nonnegative("noise", noise)
-    radius = 0.4 + 0.3 * torch.randint(0, 3, (n,), generator=generator).float()
+    ring = torch.randint(0, 3, (n,), generator=generator)
+    radius = 0.4 + 0.3 * ring.float()
     a = 2 * math.pi * torch.rand(n, generator=generator)
     points = radius[:, None] * torch.stack([torch.cos(a), torch.sin(a)], dim=1)
-    return points + noise * torch.randn(n, 2, generator=generator)
+    return points + noise * torch.randn(n, 2, generator=generator), ring
 
 
 def sample_spiral(n: int, generator: torch.Generator | None = None, noise: float = 0.01) -> Tensor:
@@ -201,11 +274,22 @@ def sample_mixture12(n: int, generator: torch.Generator | None = None, std: floa
         >>> sample_mixture12(5, torch.Generator().manual_seed(0)).shape
         torch.Size([5, 12])
     """
+    return sample_mixture12_with_labels(n, generator, std)[0]
+
+
+def sample_mixture12_with_labels(
+    n: int, generator: torch.Generator | None = None, std: float = 0.3
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_mixture12` and the component of each point (the same draws: the same points).
+
+    Returns:
+        ``(x, y)``: points ``(n, 12)`` float32 and components ``(n,)`` int64 in ``0..9``.
+    """
     n = _check_n(n)
     _check_nonnegative("std", std)
     means = 1.5 * torch.randn(10, 12, generator=torch.Generator().manual_seed(123))
     component = torch.randint(0, 10, (n,), generator=generator)
-    return means[component] + std * torch.randn(n, 12, generator=generator)
+    return means[component] + std * torch.randn(n, 12, generator=generator), component
 
 
 TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -218,6 +302,18 @@ TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 """The named toy samplers understood by :class:`Toy2DDataModule` (all 2D but ``mixture12``, which is 12-d)."""
 
+TOY2D_LABELLED_SAMPLERS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "checkerboard": sample_checkerboard_with_labels,
+    "eight_gaussians": sample_eight_gaussians_with_labels,
+    "moons": sample_moons_with_labels,
+    "rings": sample_rings_with_labels,
+    "mixture12": sample_mixture12_with_labels,
+}
+"""The toy sets with classes: name -> sampler of ``(x, y)`` drawing the same ``x`` as :data:`TOY2D_SAMPLERS`."""
+
+TOY2D_NUM_CLASSES: dict[str, int] = {"checkerboard": 8, "eight_gaussians": 8, "moons": 2, "rings": 3, "mixture12": 10}
+"""The number of classes of each set of :data:`TOY2D_LABELLED_SAMPLERS`."""
+
 
 class Toy2DDataModule(NormalizedSplitDataModule):
     """Fixed, seeded train/val/test sets from a 2D toy distribution, normalized as in docs/math.md §2.
@@ -226,7 +322,8 @@ class Toy2DDataModule(NormalizedSplitDataModule):
     one global ``scale = sqrt(E||x - mean||^2 / 2)``, so the normalized train set has mean 0 and per-dimension second
     moment 1 (a single scale keeps the geometry, e.g. the squares of the checkerboard stay square). Val and test sets
     are drawn from their own seeds and normalized with the train statistics. Batches are plain tensors of shape
-    ``(batch_size, 2)``.
+    ``(batch_size, 2)``; with ``labels=True`` they are tuples ``(x, y)``, ``y`` the int64 classes ``(batch_size,)``
+    of :data:`TOY2D_LABELLED_SAMPLERS` (the points are the same with and without labels).
 
     Args:
         name: one of :data:`TOY2D_SAMPLERS` (``"checkerboard"``, ``"eight_gaussians"``, ``"moons"``, ``"rings"``,
@@ -237,9 +334,11 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         batch_size: batch size of all loaders (train drops the last incomplete batch and reshuffles every epoch).
         seed: base seed of the data sets and of the shuffling.
         num_workers: loader worker processes (0 is best for in-memory data).
+        labels: yield ``(x, y)`` batches with the class of each point; :meth:`labels_tensor` gives a split's classes.
 
     Attributes:
         data_shape: ``(2,)`` (``(12,)`` for ``mixture12``).
+        num_classes: :data:`TOY2D_NUM_CLASSES` of the set with ``labels=True``, None without.
         mean: per-coordinate mean of the raw train set, shape ``(2,)`` (after :meth:`setup`).
         scale: global scale, a 0-d tensor (after :meth:`setup`).
 
@@ -248,6 +347,10 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         >>> dm.setup("fit")
         >>> next(iter(dm.train_dataloader())).shape
         torch.Size([100, 2])
+
+    Raises:
+        ValueError: naming ``name`` for an unknown set, or a set without classes (``spiral``) with ``labels=True``;
+            naming ``n_train``/``n_val``/``n_test`` or ``batch_size`` for bad sizes.
     """
 
     def __init__(
@@ -259,13 +362,19 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         batch_size: int = 4096,
         seed: int = 0,
         num_workers: int = 0,
+        labels: bool = False,
     ) -> None:
         if name not in TOY2D_SAMPLERS:
             raise ValueError(f"unknown toy data set name={name!r}; valid names: {sorted(TOY2D_SAMPLERS)}")
+        if labels and name not in TOY2D_LABELLED_SAMPLERS:
+            raise ValueError(
+                f"labels=True, but the toy data set name={name!r} has no classes; the sets with classes are "
+                f"{sorted(TOY2D_LABELLED_SAMPLERS)}"
+            )
         for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if arg == "n_train" else 1):
                 raise ValueError(f"{arg} must be a positive int (n_train >= 2), got {value!r}")
-        super().__init__(batch_size, seed, num_workers)  # validates batch_size and num_workers
+        super().__init__(batch_size, seed, num_workers, labels)  # validates batch_size and num_workers
         if batch_size > n_train:
             raise ValueError(
                 f"batch_size={batch_size} exceeds n_train={n_train}; the train loader drops the last incomplete batch"
@@ -276,20 +385,26 @@ class Toy2DDataModule(NormalizedSplitDataModule):
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         # (2,) for the 2D sets, (12,) for mixture12: the shape of one draw
         self.data_shape: tuple[int, ...] = tuple(self._sampler(1, torch.Generator().manual_seed(0)).shape[1:])
+        self._labelled_sampler = TOY2D_LABELLED_SAMPLERS[name] if labels else None
+        self.num_classes: int | None = TOY2D_NUM_CLASSES[name] if labels else None
 
     # ------------------------------------------------------------------ data
-    def _draw(self, n: int, split_id: int) -> Tensor:
+    def _draw(self, n: int, split_id: int) -> tuple[Tensor, Tensor | None]:
+        """Raw points of a split and, with ``labels=True``, their classes (the same points either way)."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, split_id))
-        return self._sampler(n, generator)
+        if self._labelled_sampler is not None:
+            return self._labelled_sampler(n, generator)
+        return self._sampler(n, generator), None
 
     def setup(self, stage: str | None = None) -> None:
         """Draw and normalize all three sets (once; later calls do nothing)."""
         if self._splits:
             return
-        raw_train = self._draw(self.n_train, 0)
-        self.mean, self.scale = moment_normalization(raw_train)
-        self._splits = {
-            "train": self.normalize(raw_train),
-            "val": self.normalize(self._draw(self.n_val, 1)),
-            "test": self.normalize(self._draw(self.n_test, 2)),
+        draws = {
+            "train": self._draw(self.n_train, 0),
+            "val": self._draw(self.n_val, 1),
+            "test": self._draw(self.n_test, 2),
         }
+        self.mean, self.scale = moment_normalization(draws["train"][0])
+        self._splits = {split: self.normalize(x) for split, (x, _) in draws.items()}
+        self._labels = {split: y for split, (_, y) in draws.items() if y is not None}

@@ -1,7 +1,9 @@
 """Kinetic-optimal Gaussian paths (Shaul et al., ICML 2023): the data separation function, its estimators, the
 kinetic energy of any path, the closed-form KO solver (docs/math.md §2-4) and one refresh of the KO path from
-pooled estimator sums. Knows nothing of Lightning."""
+pooled estimator sums. The estimators also measure ``lambda_cond`` of conditional models (docs/math.md §3.10).
+Knows nothing of Lightning."""
 
+from ko_lightning.kinetic.conditional import ConditionalX1Predictor
 from ko_lightning.kinetic.energy import kinetic_energy, kinetic_energy_density
 from ko_lightning.kinetic.estimators import (
     SeparationSums,
@@ -26,6 +28,7 @@ from ko_lightning.kinetic.separation import SeparationFunction, default_theta_gr
 from ko_lightning.kinetic.solver import DEFAULT_GAMMA_FLOOR, DEFAULT_GAMMA_FLOORS, KOSolution, solve_ko
 
 __all__ = [
+    "ConditionalX1Predictor",
     "DEFAULT_GAMMA_FLOOR",
     "DEFAULT_GAMMA_FLOORS",
     "DataNormalization",

@@ -7,13 +7,23 @@ dividing.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from ko_lightning.kinetic.conditional import (
+    ConditionalX1Predictor,
+    accepts_cond,
+    check_cond,
+    check_labels,
+    class_groups,
+)
 from ko_lightning.kinetic.normalization import DataNormalization
 from ko_lightning.kinetic.posterior import (
     accumulate_weighted,
@@ -170,15 +180,19 @@ class SeparationSums:
         """
         return torch.sqrt(self._moments()[2] / self.count)
 
-    def to_function(self, smoothing: float = 0.0) -> SeparationFunction:
+    def to_function(self, smoothing: float = 0.0, zero_at_origin: bool = True) -> SeparationFunction:
         """The :class:`SeparationFunction` of these sums: :attr:`lam` clipped to ``[0, 1]``, ``counts = count``.
+
+        ``zero_at_origin`` is passed on: ``False`` for a conditional ``lambda_cond``, whose value at ``s = 0`` is
+        the between-class share of the second moment, not 0 (docs/math.md §3.10).
 
         Raises:
             ValueError: if some grid point has no queries.
         """
         if not bool((self.count > 0).all()):
             raise ValueError("every grid point needs count > 0 before dividing")
-        return SeparationFunction(self.theta.cpu(), self.lam.clamp(0.0, 1.0).cpu(), self.count.cpu(), smoothing)
+        lam = self.lam.clamp(0.0, 1.0).cpu()
+        return SeparationFunction(self.theta.cpu(), lam, self.count.cpu(), smoothing, zero_at_origin)
 
 
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -200,6 +214,7 @@ def separation_sums_from_queries(
     query_chunk: int = 1024,
     data_chunk: int = 2048,
     device: torch.device | str | None = None,
+    labels: Tensor | None = None,
 ) -> SeparationSums:
     """Partial sums of ``1 - lambda`` for given queries: the deterministic kernel behind the data estimator.
 
@@ -233,6 +248,12 @@ def separation_sums_from_queries(
         query_chunk: max rows (query, angle pairs) per block.
         data_chunk: data rows per block.
         device: where to compute; default ``data``'s device.
+        labels: ``(n,)`` non-negative integer class labels of ``data``, or ``None``. Given, each query is denoised
+            by the posterior over the points of its own data point's class (``E[y | x, c]``), so the sums estimate
+            the conditional ``1 - lambda_cond`` (docs/math.md §3.10). ``normalization`` stays global (default:
+            all of ``data``'s statistics), and the classes are computed one after the other, each as above on its
+            own points (``m2`` then is the class's, which keeps ``D1`` and ``D2`` of mean 0 per class); their
+            sums are added.
     """
     norm = DataNormalization.from_data(data) if normalization is None else normalization
     theta64 = check_theta_grid(theta, "theta")
@@ -250,6 +271,21 @@ def separation_sums_from_queries(
     n_q = query_index.numel()
     if tuple(noise.shape) != (n_q, *data.shape[1:]):
         raise ValueError(f"noise must have shape {(n_q, *data.shape[1:])}, got {tuple(noise.shape)}")
+    if labels is not None:  # one class at a time, each over its own points (global normalization)
+        parts = [
+            separation_sums_from_queries(
+                data[rows.to(data.device)],
+                theta64,
+                local,
+                noise[pos.to(noise.device)],
+                norm,
+                query_chunk,
+                data_chunk,
+                device,
+            )
+            for rows, local, pos in class_groups(check_labels(labels, n), query_index)
+        ]
+        return functools.reduce(operator.add, parts)
     dev = torch.device(device) if device is not None else data.device
     flat = data.reshape(n, d)
     yq_all = norm.normalize(flat[query_index.to(data.device)].reshape(n_q, *data.shape[1:])).reshape(n_q, d)
@@ -359,6 +395,7 @@ def separation_sums_from_data(
     query_chunk: int = 1024,
     data_chunk: int = 2048,
     device: torch.device | str | None = None,
+    labels: Tensor | None = None,
 ) -> SeparationSums:
     """Partial sums of the finite-set estimate of ``1 - lambda`` (see :func:`estimate_separation_from_data`)."""
     if not torch.is_tensor(x):
@@ -370,11 +407,12 @@ def separation_sums_from_data(
     theta = default_theta_grid() if theta is None else theta
     gen = _default_generator(generator)
     n = x.shape[0]
+    lab = None if labels is None else check_labels(labels, n)  # before drawing: bad labels fail fast
     # Stratified query points: whole random permutations, so every data point is used equally often.
     perms = [torch.randperm(n, generator=gen, device=gen.device) for _ in range(-(-n_queries // n))]
     query_index = torch.cat(perms)[:n_queries].to(x.device)
     noise = torch.randn((n_queries, *x.shape[1:]), generator=gen, device=gen.device)
-    return separation_sums_from_queries(x, theta, query_index, noise, norm, query_chunk, data_chunk, device)
+    return separation_sums_from_queries(x, theta, query_index, noise, norm, query_chunk, data_chunk, device, lab)
 
 
 def estimate_separation_from_data(
@@ -387,6 +425,7 @@ def estimate_separation_from_data(
     data_chunk: int = 2048,
     device: torch.device | str | None = None,
     smoothing: float = 0.0,
+    labels: Tensor | None = None,
 ) -> SeparationFunction:
     """Separation function of a finite data set (the training set's own ``lambda``; docs/math.md §3).
 
@@ -406,10 +445,17 @@ def estimate_separation_from_data(
         data_chunk: data rows per block.
         device: where to compute (default ``x``'s device).
         smoothing: passed to :class:`SeparationFunction`.
+        labels: ``(n,)`` non-negative integer class labels of ``x`` for a class-conditional model, or ``None``.
+            Given, the result is ``lambda_cond`` (docs/math.md §3.10): the queries are drawn as without labels
+            (uniform over ``x``, so classes weigh by their share ``p_c``), each is denoised by the posterior over
+            its own class's points, the normalization stays global, and the function has
+            ``zero_at_origin=False`` (``lambda_cond(0) > 0``). Float condition vectors have no finite-set
+            posterior: use :func:`estimate_separation_from_model` with ``cond``.
 
     Raises:
         ValueError: naming ``x`` when it is empty, non-finite or constant; naming the chunk sizes or
-            ``n_queries`` when they are not positive integers.
+            ``n_queries`` when they are not positive integers; naming ``labels`` unless they are ``(n,)``
+            non-negative integers.
 
     Example:
         >>> x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
@@ -417,8 +463,10 @@ def estimate_separation_from_data(
         >>> bool(lam.at_snr(torch.tensor(10.0)) > 0.9)
         True
     """
-    sums = separation_sums_from_data(x, theta, n_queries, normalization, generator, query_chunk, data_chunk, device)
-    return sums.to_function(smoothing)
+    sums = separation_sums_from_data(
+        x, theta, n_queries, normalization, generator, query_chunk, data_chunk, device, labels
+    )
+    return sums.to_function(smoothing, zero_at_origin=labels is None)
 
 
 def _model_times(path: GaussianPath, theta: Tensor, v: float) -> Tensor:
@@ -437,15 +485,23 @@ def _model_times(path: GaussianPath, theta: Tensor, v: float) -> Tensor:
     return t
 
 
+def _predict(predictor: Any, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+    """``predictor(x_t, t)``, or ``predictor(x_t, t, cond=cond)`` when there is a condition."""
+    if cond is None:
+        return cast(X1Predictor, predictor)(x_t, t)
+    return cast(ConditionalX1Predictor, predictor)(x_t, t, cond=cond)
+
+
 @torch.no_grad()
 def separation_sums_from_model(
-    x1_predictor: X1Predictor,
+    x1_predictor: X1Predictor | ConditionalX1Predictor,
     path: GaussianPath,
     x1: Tensor,
     theta: Tensor | None = None,
     normalization: DataNormalization | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 256,
+    cond: Tensor | None = None,
 ) -> SeparationSums:
     """Partial sums of the model estimate of ``1 - lambda`` (see :func:`estimate_separation_from_model`)."""
     if not callable(x1_predictor):
@@ -455,6 +511,10 @@ def separation_sums_from_model(
     if not torch.is_tensor(x1) or x1.ndim < 2 or x1.shape[0] == 0:
         raise ValueError(f"x1 must be a non-empty tensor of shape (n, ...), got {getattr(x1, 'shape', x1)!r}")
     batch_size = _check_positive_int(batch_size, "batch_size")
+    if cond is not None:
+        cond = check_cond(cond, x1.shape[0])
+        if not accepts_cond(x1_predictor):
+            raise ValueError("x1_predictor must take a cond= keyword when cond is given: x1_predictor(x_t, t, cond=c)")
     norm = DataNormalization.from_data(x1) if normalization is None else normalization
     theta64 = check_theta_grid(default_theta_grid() if theta is None else theta, "theta")
     v = norm.second_moment
@@ -466,11 +526,12 @@ def separation_sums_from_model(
     sq_error, count, sq_error_sq = sums
     for b0 in range(0, x1.shape[0], batch_size):
         xb = x1[b0 : b0 + batch_size].float()
+        cb = None if cond is None else cond[b0 : b0 + batch_size].to(x1.device)
         n_b = xb.shape[0]
         eps = torch.randn(xb.shape, generator=gen, device=gen.device).to(xb.device)  # shared by all angles
         for g in range(theta64.numel()):
             x_t = coeffs.alpha[g] * xb + coeffs.sigma[g] * eps
-            pred = x1_predictor(x_t, times[g].expand(n_b))
+            pred = _predict(x1_predictor, x_t, times[g].expand(n_b), cb)
             if tuple(pred.shape) != tuple(xb.shape):
                 raise ValueError(f"x1_predictor returned shape {tuple(pred.shape)}, expected {tuple(xb.shape)}")
             err = ((xb - pred.float()) ** 2).reshape(n_b, d).sum(1) / (d * v)  # the mean cancels in x1 - x1_hat
@@ -482,7 +543,7 @@ def separation_sums_from_model(
 
 
 def estimate_separation_from_model(
-    x1_predictor: X1Predictor,
+    x1_predictor: X1Predictor | ConditionalX1Predictor,
     path: GaussianPath,
     x1: Tensor,
     theta: Tensor | None = None,
@@ -490,6 +551,7 @@ def estimate_separation_from_model(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     smoothing: float = 0.0,
+    cond: Tensor | None = None,
 ) -> SeparationFunction:
     """Separation function measured through a network's x1-prediction error (docs/math.md §3).
 
@@ -499,7 +561,8 @@ def estimate_separation_from_model(
 
     Args:
         x1_predictor: ``x1_predictor(x_t, t) -> x1_hat`` in data units, ``t`` of shape ``(B,)`` (put a network
-            in eval mode first; calls run under ``torch.no_grad``).
+            in eval mode first; calls run under ``torch.no_grad``); with ``cond``, ``x1_predictor(x_t, t,
+            cond=c)`` (:class:`ConditionalX1Predictor`).
         path: the path the predictor was trained on.
         x1: data samples ``(n, ...)`` in the units the predictor sees.
         theta: angle grid (default :func:`default_theta_grid`); every angle must be reachable on ``path``.
@@ -507,9 +570,15 @@ def estimate_separation_from_model(
         generator: noise source (default ``torch.Generator().manual_seed(0)``).
         batch_size: samples per predictor call.
         smoothing: passed to :class:`SeparationFunction`.
+        cond: the conditions of ``x1``'s samples for a conditional model, ``(n, ...)``: integer class labels
+            ``(n,)`` or float condition vectors ``(n, k)`` (the float case works only here, not in the data
+            estimator). Given, each batch's rows go to the predictor as ``x1_predictor(x_t, t, cond=c)``, the
+            result is ``lambda_cond`` (docs/math.md §3.10; ``normalization`` should be the whole data set's, not
+            a class's) and the function has ``zero_at_origin=False``. ``None`` calls ``x1_predictor(x_t, t)``.
 
     Raises:
-        ValueError: naming ``theta`` if an angle's SNR is outside the path's range, or the bad argument.
+        ValueError: naming ``theta`` if an angle's SNR is outside the path's range, ``cond`` if it is malformed or
+            the predictor has no ``cond`` keyword, or the bad argument.
     """
-    sums = separation_sums_from_model(x1_predictor, path, x1, theta, normalization, generator, batch_size)
-    return sums.to_function(smoothing)
+    sums = separation_sums_from_model(x1_predictor, path, x1, theta, normalization, generator, batch_size, cond)
+    return sums.to_function(smoothing, zero_at_origin=cond is None)

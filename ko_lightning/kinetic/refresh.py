@@ -204,6 +204,7 @@ def solve_refresh(
     gamma_floor: float | None = None,
     second_moment: float = 1.0,
     n_grid: int = 512,
+    conditional: bool = False,
 ) -> RefreshOutcome:
     """Turn pooled sums into a KO path and the numbers that describe it.
 
@@ -222,6 +223,8 @@ def solve_refresh(
         gamma_floor: the solver's regularization floor; None lets it choose.
         second_moment: per-dimension second moment ``v`` of the data (the energies are in data units).
         n_grid: nodes of the new path's table.
+        conditional: the sums estimate a conditional model's ``lambda_cond`` (docs/math.md §3.10), which need not
+            vanish at SNR 0: the smoothed function is then not pinned to 0 there.
 
     Returns:
         An outcome with the new path, or with a ``reason`` (an implausible estimate, or a ``ValueError`` or
@@ -231,7 +234,7 @@ def solve_refresh(
     if reason:
         return RefreshOutcome(reason=reason)
     try:
-        separation = sums.to_function(smoothing)
+        separation = sums.to_function(smoothing, zero_at_origin=not conditional)
         if previous is not None:
             separation = previous.merge(separation)
         solution = solve_ko(

@@ -1,6 +1,7 @@
-"""Time-conditioned networks ``net(x, t)``. Any ``nn.Module`` with this signature works with ko_lightning."""
+"""Time-conditioned networks ``net(x, t)`` (``net(x, t, cond=None)`` when conditional). Any ``nn.Module`` with this
+signature works with ko_lightning."""
 
-from ko_lightning.nets.embedding import SinusoidalTimeEmbedding, expand_time
+from ko_lightning.nets.embedding import ConditionEmbedding, SinusoidalTimeEmbedding, expand_time
 from ko_lightning.nets.mlp import ACTIVATIONS, TimeMLP, make_activation
 from ko_lightning.nets.unet import DIGITS_UNET_CONFIG, AttentionBlock, ResBlock, UNet
 
@@ -8,6 +9,7 @@ __all__ = [
     "ACTIVATIONS",
     "DIGITS_UNET_CONFIG",
     "AttentionBlock",
+    "ConditionEmbedding",
     "ResBlock",
     "SinusoidalTimeEmbedding",
     "TimeMLP",

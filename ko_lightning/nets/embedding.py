@@ -1,4 +1,5 @@
-"""Sinusoidal embedding of a scalar conditioning (time, or any real value such as a log-SNR)."""
+"""Sinusoidal embedding of a scalar conditioning (time, or any real value such as a log-SNR), and learned embeddings
+of class labels and float conditions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalTimeEmbedding", "expand_time"]
+__all__ = ["ConditionEmbedding", "SinusoidalTimeEmbedding", "expand_time"]
 
 
 def expand_time(t: Tensor | float, batch_size: int, device: torch.device | None = None) -> Tensor:
@@ -77,3 +78,68 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_period={self.max_period:g}, scale={self.scale:g}"
+
+
+class ConditionEmbedding(nn.Module):
+    """A learned embedding of a class label or a float condition, with a learned "no condition" entry.
+
+    - ``num_classes=K``: ``nn.Embedding(K + 1, dim)``; labels ``0..K-1`` and ``K`` = "no condition".
+    - ``cond_dim=k``: ``Linear(k, dim)`` of the condition; a row of NaN (or ``cond=None``) takes a learned null
+      vector instead.
+
+    The networks add it to their time embedding (docs/math.md §7). The null entry starts at zero, so an unconditional
+    call of a fresh network is the plain time-conditioned network.
+
+    Args:
+        dim: embedding size.
+        num_classes: number of classes, or None.
+        cond_dim: width of a float condition, or None (exactly one of the two is given).
+    """
+
+    def __init__(self, dim: int, num_classes: int | None = None, cond_dim: int | None = None) -> None:
+        super().__init__()
+        if (num_classes is None) == (cond_dim is None):
+            raise ValueError(f"give exactly one of num_classes or cond_dim, got {num_classes!r} and {cond_dim!r}")
+        for name, value in (("num_classes", num_classes), ("cond_dim", cond_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_classes = num_classes
+        self.cond_dim = cond_dim
+        if num_classes is not None:
+            self.table = nn.Embedding(num_classes + 1, dim)
+            with torch.no_grad():
+                self.table.weight[num_classes].zero_()
+        else:
+            assert cond_dim is not None
+            self.proj = nn.Linear(cond_dim, dim)
+            self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, cond: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
+        """Embed ``cond`` (labels ``(B,)`` or floats ``(B, cond_dim)``; None: "no condition") into ``(B, dim)``.
+
+        Raises:
+            ValueError: naming ``cond`` for a wrong shape or a label outside ``[0, num_classes]``.
+        """
+        if self.num_classes is not None:
+            if cond is None:
+                cond = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+            if cond.is_floating_point() or tuple(cond.shape) != (batch_size,):
+                raise ValueError(
+                    f"cond must be integer labels of shape ({batch_size},), got {cond.dtype} {tuple(cond.shape)}"
+                )
+            if bool(((cond < 0) | (cond > self.num_classes)).any()):
+                raise ValueError(
+                    f"cond labels must lie in [0, {self.num_classes}] (num_classes={self.num_classes}; "
+                    f"{self.num_classes} is 'no condition'), got min {int(cond.min())}, max {int(cond.max())}"
+                )
+            return self.table(cond.long())
+        if cond is None:
+            return self.null.expand(batch_size, -1)
+        if tuple(cond.shape) != (batch_size, self.cond_dim):
+            raise ValueError(f"cond must have shape ({batch_size}, {self.cond_dim}), got {tuple(cond.shape)}")
+        is_null = torch.isnan(cond).any(dim=1, keepdim=True)
+        emb = self.proj(torch.nan_to_num(cond.to(self.proj.weight.dtype), nan=0.0))
+        return torch.where(is_null, self.null.to(emb.dtype).expand_as(emb), emb)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}" if self.num_classes is not None else f"cond_dim={self.cond_dim}"

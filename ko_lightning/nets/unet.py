@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ko_lightning.nets.embedding import SinusoidalTimeEmbedding, expand_time
+from ko_lightning.nets.embedding import ConditionEmbedding, SinusoidalTimeEmbedding, expand_time
 
 __all__ = ["DIGITS_UNET_CONFIG", "AttentionBlock", "ResBlock", "UNet"]
 
@@ -117,7 +117,7 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 class UNet(nn.Module):
-    """A DDPM-style U-Net ``net(x, t)`` for square images, output shaped like the input.
+    """A DDPM-style U-Net ``net(x, t, cond=None)`` for square images, output shaped like the input.
 
     Layout: a 3x3 input conv; per resolution level ``i`` (channels ``base_channels * channel_mults[i]``),
     ``num_res_blocks`` residual blocks (+ self-attention where the resolution is in ``attention_resolutions``) and a
@@ -148,6 +148,10 @@ class UNet(nn.Module):
         num_heads: attention heads (must divide the channels where attention is used).
         mid_attention: add self-attention in the middle block.
         time_scale: multiplier applied to ``t`` in the sinusoidal embedding (1000 for ``t in [0, 1]``).
+        num_classes: class-conditional with ``num_classes`` labels: a learned class embedding
+            (:class:`~ko_lightning.nets.embedding.ConditionEmbedding`, index ``num_classes`` = "no condition") is added
+            to the time embedding (docs/math.md §7).
+        cond_dim: conditional on a float vector of this width, embedded linearly (a NaN row = "no condition").
 
     Example:
         >>> net = UNet(in_channels=1, image_size=8)
@@ -169,6 +173,8 @@ class UNet(nn.Module):
         num_heads: int = 4,
         mid_attention: bool = True,
         time_scale: float = 1000.0,
+        num_classes: int | None = None,
+        cond_dim: int | None = None,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, 1)
@@ -222,6 +228,12 @@ class UNet(nn.Module):
             nn.SiLU(),
             nn.Linear(emb_dim, emb_dim),
         )
+        self.num_classes, self.cond_dim = num_classes, cond_dim
+        self.cond_embedding = (
+            None
+            if num_classes is None and cond_dim is None
+            else ConditionEmbedding(emb_dim, num_classes=num_classes, cond_dim=cond_dim)
+        )
 
         def attention(channels: int, resolution: int) -> AttentionBlock | None:
             return AttentionBlock(channels, num_heads, groups) if resolution in attention_resolutions else None
@@ -260,15 +272,20 @@ class UNet(nn.Module):
         if self.conv_out.bias is not None:  # always, with Conv2d's default bias=True; narrows the type
             nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """Evaluate on images ``x`` of shape ``(B, in_channels, image_size, image_size)`` and conditioning ``t`` of
-        shape ``(B,)`` (or a scalar; any real values); returns ``(B, out_channels, image_size, image_size)``."""
+        shape ``(B,)`` (or a scalar; any real values); returns ``(B, out_channels, image_size, image_size)``.
+        ``cond``: labels ``(B,)`` or floats ``(B, cond_dim)`` for a conditional network (None: "no condition")."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         t = expand_time(t, x.shape[0], x.device)
         emb_in = self.time_embedding[0](t).to(self.time_embedding[1].weight.dtype)
         emb = self.time_embedding[1:](emb_in)
+        if self.cond_embedding is not None:
+            emb = emb + self.cond_embedding(cond, x.shape[0], x.device).to(emb.dtype)
+        elif cond is not None:
+            raise ValueError("cond was given but this UNet is unconditional (build it with num_classes or cond_dim)")
 
         h = self.conv_in(x)
         skips = [h]

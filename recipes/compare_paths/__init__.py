@@ -1,15 +1,17 @@
 """Path comparison: train one network on several Gaussian paths with the same budget and seed, then evaluate.
 
 A table in the spirit of the paper's Table 1 (docs/math.md §6). For every row (Cond-OT, Cond-OT sampled on the angle
-grid, KO with the package defaults, KO in the paper's setting, cosine, VP) the same network is built from the same
-seed (identical initial weights), trained for the same number of steps on the same data with the same noise and
-times per step, and evaluated on held-out NLL in bits/dim, kinetic energy (the model's own and its path's under the
-data's lambda) and sample quality per solver (Euler at a few step counts and dopri5).
+grid, Cond-OT trained with logit-normal times, KO with the package defaults, KO in the paper's setting, cosine, VP)
+the same network is built from the same seed (identical initial weights), trained for the same number of steps on
+the same data with the same noise and times per step (the logit-normal row: its own times), and evaluated on
+held-out NLL in bits/dim, kinetic energy (the model's own and its path's under the data's lambda) and sample quality
+per solver (Euler at a few step counts and dopri5).
 
 Run it from the repository root::
 
     python -m recipes.compare_paths --config recipes/compare_paths.yaml
     python -m recipes.compare_paths --config recipes/compare_paths_digits.yaml --train.max_steps 2000
+    python -m recipes.compare_paths --paths '[cond_ot, cond_ot_logit_normal, ko]'   # rows of PATH_NAMES
 
 It writes ``results.md`` (tables, settings, hardware, wall times), ``results.json``, ``samples.png`` and
 ``schedules.png`` into the run directory (default ``runs/compare_paths/<data>``). Runs of several seeds are averaged

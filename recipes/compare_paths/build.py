@@ -1,7 +1,7 @@
 """The pieces of one comparison row: data module, network, starting path and the :class:`FlowMatching` module.
 
 Every row is built from the same seed, so the networks start from identical weights and see the same data; only
-the path differs (docs/math.md §6).
+the path differs (docs/math.md §6), or for ``cond_ot_logit_normal`` the density of the training times.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build_net(config: CompareConfig, data_shape: tuple[int, ...]) -> nn.Module:
 
 def build_path(name: str) -> GaussianPath:
     """The starting path of a row (KO starts on Cond-OT; its callback installs the KO path before step 1)."""
-    if name in ("cond_ot", "cond_ot_angle", "ko", "ko_paper"):
+    if name in ("cond_ot", "cond_ot_angle", "cond_ot_logit_normal", "ko", "ko_paper"):
         return CondOTPath()
     if name == "cosine":
         return CosinePath()
@@ -78,7 +78,8 @@ def build_path(name: str) -> GaussianPath:
 
 
 def build_model(config: CompareConfig, name: str, data_shape: tuple[int, ...]) -> FlowMatching:
-    """Seed, build the net and wrap it in :class:`FlowMatching` for path ``name``."""
+    """Seed, build the net and wrap it in :class:`FlowMatching` for path ``name`` (with the row's time density,
+    :meth:`CompareConfig.time_sampler_of`)."""
     L.seed_everything(config.seed, verbose=False)  # identical initial weights for every path
     net = build_net(config, data_shape)
     scheduler = None
@@ -93,5 +94,6 @@ def build_model(config: CompareConfig, name: str, data_shape: tuple[int, ...]) -
         lr_scheduler=scheduler,
         t_eps=config.t_eps_of(name),
         data_shape=data_shape,
+        time_sampler=config.time_sampler_of(name),
         train_seed=config.seed,
     )

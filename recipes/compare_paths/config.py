@@ -34,6 +34,7 @@ __all__ = [
     "KO_DEFAULTS",
     "KO_PAPER_SETTINGS",
     "PATH_GRIDS",
+    "PATH_TIME_SAMPLERS",
     "PATH_LABELS",
     "PATH_NAMES",
     "CompareConfig",
@@ -48,16 +49,27 @@ __all__ = [
     "load_config",
 ]
 
-PathName = Literal["cond_ot", "cond_ot_angle", "ko", "ko_paper", "cosine", "vp"]
-PATH_NAMES: tuple[PathName, ...] = ("cond_ot", "cond_ot_angle", "ko", "ko_paper", "cosine", "vp")
+PathName = Literal["cond_ot", "cond_ot_angle", "cond_ot_logit_normal", "ko", "ko_paper", "cosine", "vp"]
+PATH_NAMES: tuple[PathName, ...] = (
+    "cond_ot",
+    "cond_ot_angle",
+    "cond_ot_logit_normal",
+    "ko",
+    "ko_paper",
+    "cosine",
+    "vp",
+)
 """Rows the comparison knows, in table order. ``cond_ot_angle`` is the ``cond_ot`` model (trained once) sampled on
-the angle grid; ``ko`` is ``KOScheduleCallback()`` with the package defaults (sampled on the KO path's default
-grid, the angle grid); ``ko_paper`` is the paper's setting: KO solved once from the data, floor 0.01, Euler
-uniform in t."""
+the angle grid; ``cond_ot_logit_normal`` is Cond-OT (velocity) trained with logit-normal times
+(``FlowMatching(time_sampler="logit_normal")``, ``t = sigmoid(z)``, ``z ~ N(0, 1)``), sampled like ``cond_ot``
+(Euler uniform in t): it moves the training signal to intermediate noise levels instead of changing the path;
+``ko`` is ``KOScheduleCallback()`` with the package defaults (sampled on the KO path's default grid, the angle
+grid); ``ko_paper`` is the paper's setting: KO solved once from the data, floor 0.01, Euler uniform in t."""
 
 PATH_LABELS: dict[str, str] = {
     "cond_ot": "Cond-OT",
     "cond_ot_angle": "Cond-OT, angle grid",
+    "cond_ot_logit_normal": "Cond-OT, logit-normal t",
     "ko": "KO (package defaults)",
     "ko_paper": "KO (paper: once, floor 0.01)",
     "cosine": "cosine (trig.)",
@@ -66,6 +78,11 @@ PATH_LABELS: dict[str, str] = {
 
 #: the fixed-step grid each row samples on (None: the path's own default, docs/math.md §5.3).
 PATH_GRIDS: dict[str, str | None] = {"cond_ot_angle": "angle", "ko_paper": "time"}
+
+#: the density of training times of each row (``FlowMatching(time_sampler=...)``; the others: ``"uniform"``).
+#: ``ko`` keeps the package default (``"auto"``: importance-sampled times on the KO path, docs/math.md §1.4); the
+#: paper's setting drew uniform times.
+PATH_TIME_SAMPLERS: dict[str, str] = {"cond_ot_logit_normal": "logit_normal", "ko": "auto"}
 
 # The KO row's callback settings: the package defaults (no plot); a config's ``ko`` section is merged into these,
 # so a partial section changes only what it names.
@@ -225,6 +242,7 @@ class TimeMargins:
 
     cond_ot: float = 0.0
     cond_ot_angle: float = 0.0
+    cond_ot_logit_normal: float = 0.0
     ko: float = 0.0
     ko_paper: float = 0.0
     cosine: float = 0.0
@@ -307,6 +325,11 @@ class CompareConfig:
     def t_eps_of(self, path: str) -> float:
         """``t_eps`` of one path."""
         return float(getattr(self.t_eps, path))
+
+    @staticmethod
+    def time_sampler_of(path: str) -> str:
+        """The training-time density of one path's row (:data:`PATH_TIME_SAMPLERS`; ``"uniform"`` by default)."""
+        return PATH_TIME_SAMPLERS.get(path, "uniform")
 
     def out_dir(self) -> Path:
         """The run directory."""

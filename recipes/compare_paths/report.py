@@ -134,8 +134,14 @@ def _notes(config: CompareConfig, rows: list[PathResult], lam_points: int, weigh
         f"Same network, seed {config.seed} (identical initial weights), {config.train.max_steps} steps, batch "
         f"{config.train.batch_size}, Adam lr {config.train.lr:g} ({config.train.lr_schedule}), parametrization "
         f"'{config.parametrization}' with loss weighting '{weighting}', and the same noise and times at every "
-        "step (train_seed) for every path.",
-        "Training times t ~ U[t_eps, 1 - t_eps]: t_eps = "
+        "step (train_seed) for every path"
+        + (
+            " (Cond-OT, logit-normal t draws its times from its own density, and so possibly other noise)."
+            if any(r.name == "cond_ot_logit_normal" for r in rows)
+            else "."
+        ),
+        "Training times t = t_eps + (1 - 2 t_eps) u, u ~ U[0, 1] (Cond-OT, logit-normal t: u = sigmoid(z), "
+        "z ~ N(0, 1)): t_eps = "
         + ", ".join(f"{PATH_LABELS[r.name]} {r.t_eps:g}" for r in rows)
         + ". VP's sigma'_t diverges at t = 1, so it is trained with t_eps = 1e-3 and its samples, KE and likelihood "
         "are taken on [0, 1 - t_eps] (its NLL is the density of p_{1 - t_eps}, data smoothed by sigma ~ 0.01); "

@@ -1,7 +1,8 @@
 """Two-process CPU DDP run of KOScheduleCallback; each rank records what every refresh installed.
 
-Run as ``python ddp_ko_refresh.py OUT_DIR`` (Lightning starts the second rank itself). Rank 0 also computes,
-before each refresh, the sums a single process gets over the union of both ranks' query shares.
+Run as ``python ddp_ko_refresh.py OUT_DIR [conditional]`` (Lightning starts the second rank itself). Rank 0 also
+computes, before each refresh, the sums a single process gets over the union of both ranks' query shares. With
+``conditional``: a class-conditional model on labelled eight Gaussians (condition dropout, the conditional lambda).
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ class RecordingKO(KOScheduleCallback):
         return report
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, conditional: bool = False) -> None:
     L.seed_everything(0)
-    dm = Toy2DDataModule("checkerboard", n_train=4096, n_val=256, n_test=256, batch_size=256, seed=0)
-    model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), parametrization="polar_v", train_seed=0)
+    name = "eight_gaussians" if conditional else "checkerboard"
+    dm = Toy2DDataModule(name, n_train=4096, n_val=256, n_test=256, batch_size=256, seed=0, labels=conditional)
+    if conditional:
+        net = TimeMLP(dim=2, hidden=32, depth=2, num_classes=8)
+        model = FlowMatching(net, cond_dropout=0.2, train_seed=0)
+    else:
+        model = FlowMatching(TimeMLP(dim=2, hidden=32, depth=2), parametrization="polar_v", train_seed=0)
     ko = RecordingKO(
         out_dir,
         every_n_steps=6,
@@ -79,4 +85,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], conditional=sys.argv[2:] == ["conditional"])
