@@ -44,6 +44,7 @@ __all__ = [
 #: what ``FlowMatching(time_sampler=...)`` accepts: a name or a callable ``(batch_size, generator) -> u``.
 TimeSamplerSpec = str | Callable[[int, torch.Generator | None], Tensor]
 
+_SPEED = re.compile(r"^speed(?:\(\s*([-+0-9.eE]+)\s*\))?$")
 _LOGIT_NORMAL = re.compile(r"^logit_normal(?:\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\))?$")
 
 
@@ -216,15 +217,16 @@ def make_time_sampler(spec: Any) -> TimeSampler:
             return UniformTime()
         if name == "auto":
             return AutoTime()
-        if name == "speed":
-            return SpeedImportanceTime()
+        speed = _SPEED.match(name)
+        if speed:
+            return SpeedImportanceTime() if speed.group(1) is None else SpeedImportanceTime(float(speed.group(1)))
         match = _LOGIT_NORMAL.match(name)
         if match:
             mean, std = (0.0, 1.0) if match.group(1) is None else (float(match.group(1)), float(match.group(2)))
             return LogitNormalTime(mean, std)
         raise ValueError(
-            f"time_sampler={spec!r} is not a known sampler: use 'auto', 'uniform', 'speed', 'logit_normal', "
-            "'logit_normal(m, s)' or a callable (batch_size, generator) -> u in [0, 1]"
+            f"time_sampler={spec!r} is not a known sampler: use 'auto', 'uniform', 'speed', 'speed(mix)', "
+            "'logit_normal', 'logit_normal(m, s)' or a callable (batch_size, generator) -> u in [0, 1]"
             + (" (pass the callable again: a saved name cannot rebuild it)" if name.startswith("callable:") else "")
         )
     if callable(spec):

@@ -172,6 +172,17 @@ def test_guidance_or_conditions_for_an_unconditional_model_are_errors() -> None:
         FlowMatching(TimeMLP(2), cond_dropout=0.1)
 
 
+def test_batch_labels_out_of_range_name_the_batch_and_the_sample() -> None:
+    model = _model()
+    batch = (torch.zeros(4, 2), torch.tensor([0, 2, 5, 1]))
+    with pytest.raises(
+        ValueError, match=r"train batch 3: condition\[2\] = 5 is out of range: labels must lie in \[0, 3\]"
+    ):
+        model._batch_cond(batch, 3, "train", 4)
+    # the null label (3 = num_classes) is allowed in a batch: pre-dropped conditions
+    assert model._batch_cond((torch.zeros(2, 2), torch.tensor([3, 0])), 0, "train", 2) is not None
+
+
 def test_a_float_condition_of_the_wrong_width_names_its_shape() -> None:
     model = _model(num_classes=None, cond_dim=3)
     with pytest.raises(ValueError, match=r"cond must have shape \(4, 3\), got \(4, 2\)"):
