@@ -3,13 +3,13 @@
 Run: ``python benchmarks/bench_ko_callback.py --threads 1 [--out benchmarks/results/ko_callback.md]``.
 
 Two settings (issue 10): a 50,000 x 2 checkerboard with a 4 x 256 MLP at batch 1024 over 2000 steps, and the digits
-U-Net of ``recipes/digits.yaml`` at batch 256 over that recipe's steps. For each it measures, in one process: the
-median training step on Cond-OT without the callback, the median step on the KO path the callback installed (the
-cost of evaluating a tabulated path), the initialization refresh, and the median of forced periodic refreshes
-(``target_standard_error=None``), split into estimate / all-reduce / solve / install. With the defaults a periodic
-refresh runs only while the merged estimate's standard error exceeds ``target_standard_error``; the number of
-periodic refreshes of a full run is counted from the precision the initialization reached (0 when it already meets
-the target, else every scheduled one: an upper bound). Then
+U-Net of ``recipes/digits.yaml`` at batch 256 over that recipe's steps. For each it measures, in one process: the median
+training step on Cond-OT without the callback, the median step on the KO path the callback installed (the cost of
+evaluating a tabulated path and of the default importance-sampled times, ``time_sampler="auto"``), the initialization
+refresh, and the median of forced periodic refreshes (``target_standard_error=None``), split into estimate / all-reduce
+/ solve / install. With the defaults a periodic refresh runs only while the merged estimate's standard error exceeds
+``target_standard_error``; the number of periodic refreshes of a full run is counted from the precision the
+initialization reached (0 when it already meets the target, else every scheduled one: an upper bound). Then
 
 - refresh overhead = (init + n_periodic x periodic) / (max_steps x Cond-OT step);
 - training time ratio = (max_steps x KO step + refreshes) / (max_steps x Cond-OT step), the target <= 1.05,
