@@ -8,6 +8,7 @@ demo (``ko_lightning/configs/checkerboard.yaml``).
 from __future__ import annotations
 
 import sys
+import warnings
 from importlib import resources
 
 import lightning as L
@@ -26,7 +27,10 @@ _SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
 def _with_default_config(argv: list[str]) -> list[str]:
     has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
     if argv and argv[0] in _SUBCOMMANDS_WITH_DEFAULT and not has_config:
-        print(f"ko-lightning: no --config given, using the embedded checkerboard demo ({DEFAULT_CONFIG})")
+        # stderr: stdout stays clean for ``--print_config > cfg.yaml``, whose output must work as ``--config``
+        print(
+            f"ko-lightning: no --config given, using the embedded checkerboard demo ({DEFAULT_CONFIG})", file=sys.stderr
+        )
         return [argv[0], "--config", DEFAULT_CONFIG, *argv[1:]]
     return argv
 
@@ -34,14 +38,18 @@ def _with_default_config(argv: list[str]) -> list[str]:
 def run_cli(argv: list[str] | None = None) -> LightningCLI:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return it (its ``trainer`` and ``model``)."""
     argv = _with_default_config(list(sys.argv[1:] if argv is None else argv))
-    return LightningCLI(
-        FlowMatching,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={"callbacks": [RichProgressBar()]},
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    with warnings.catch_warnings():
+        # LightningCLI warns whenever ``args`` is given while sys.argv has arguments too; here ``args`` *is* the
+        # command line (with the default config put in), so the warning would blame the user for nothing.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return LightningCLI(
+            FlowMatching,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_defaults={"callbacks": [RichProgressBar()]},
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
 
 
 def main() -> None:

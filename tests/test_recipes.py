@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,31 @@ def test_without_config_the_embedded_demo_is_used() -> None:
     assert _with_default_config(["fit", "--trainer.max_steps", "5"])[:3] == ["fit", "--config", DEFAULT_CONFIG]
     assert _with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
     assert (RECIPES / "checkerboard.yaml").read_text() == Path(DEFAULT_CONFIG).read_text()
+
+
+def test_print_config_without_config_writes_only_yaml_that_works_as_config(tmp_path) -> None:
+    """`ko-lightning fit --print_config > cfg.yaml` put the "no --config given" banner on stdout, so `--config
+    cfg.yaml` failed; and every command warned that "LightningCLI's args parameter is intended to run from within
+    Python", which the user had not done. The banner now goes to stderr and the warning is gone."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ko_lightning.cli", "fit"]
+    first = subprocess.run([*command, "--print_config"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no --config given" in first.stderr and "no --config given" not in first.stdout
+    config = tmp_path / "cfg.yaml"
+    config.write_text(first.stdout)
+    assert yaml.safe_load(first.stdout)["trainer"]["max_steps"] == 4000
+    again = subprocess.run(
+        [*command, "--config", str(config), "--trainer.max_steps", "7", "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert yaml.safe_load(again.stdout)["trainer"]["max_steps"] == 7
+    for run in (first, again):
+        assert "args parameter is intended" not in run.stderr + run.stdout
 
 
 def test_checkerboard_demo_trains_with_ko_and_writes_its_report(tmp_path) -> None:
