@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ko_lightning.conditioning import Conditioning
 from ko_lightning.guidance import GuidedVelocity, check_guidance
 from ko_lightning.likelihood import BitsPerDimResult, LogProbResult
-from ko_lightning.model_flow import ModelFlow
+from ko_lightning.model_flow import ModelFlow, check_noise
 from ko_lightning.parametrizations import OutputParametrization
 from ko_lightning.paths import GaussianPath, PathCoefficients, SampleGrid, ScaleTimeVelocity
 from ko_lightning.sampling import SampleResult
@@ -157,8 +157,12 @@ class FlowInference:
         """
         if (num_samples is None) == (x0 is None):
             raise ValueError("give exactly one of num_samples or x0")
-        batch = num_samples if x0 is None else x0.shape[0]
-        checked, scale = check_guidance(self.conditioning, cond, guidance_scale, int(batch))  # type: ignore[arg-type]
+        if x0 is not None:
+            check_noise(x0, self.data_shape)
+        elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        batch = int(x0.shape[0]) if x0 is not None else int(num_samples)  # type: ignore[arg-type]  # checked above
+        checked, scale = check_guidance(self.conditioning, cond, guidance_scale, batch)
         if path is not None and not isinstance(path, GaussianPath):
             raise TypeError(f"path must be a ko_lightning.paths.GaussianPath, got {type(path).__name__}")
         with self.eval_mode():

@@ -273,3 +273,11 @@ def test_the_callback_solves_a_conditional_model_from_the_conditional_lambda() -
     _, plain = _fit_with_ko(_model(num_classes=None, train_seed=0), data)  # the labels are ignored
     c_plain = plain.coefficients(t)
     assert float((c_plain.alpha - ref.alpha).abs().max()) > 0.05
+
+
+def test_bad_sample_sizes_are_named_before_the_condition_is_checked() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="num_samples must be a positive integer, got 2.5"):
+        model.sample(2.5, cond=1, steps=2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="x0 must be a tensor of initial noise"):
+        model.sample(x0=[[0.0, 0.0]], cond=1, steps=2)  # type: ignore[arg-type]
