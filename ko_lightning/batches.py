@@ -18,11 +18,14 @@ DATA_KEYS: tuple[str, ...] = ("x", "x1", "data", "image", "images")
 COND_KEYS: tuple[str, ...] = ("y", "cond", "label", "labels")
 
 
-def batch_condition(batch: Any, where: str, conditioning: Conditioning, batch_size: int) -> Tensor | None:
+def batch_condition(
+    batch: Any, where: str, conditioning: Conditioning, batch_size: int, check_values: bool = True
+) -> Tensor | None:
     """The conditions of ``batch`` for a network with ``conditioning``: the second element of a tuple/list batch
     ``(x, y)``, or the entry under a :data:`COND_KEYS` key of a dict batch; checked against the network.
 
-    An unconditional network ignores any labels the batch carries (None is returned).
+    An unconditional network ignores any labels the batch carries (None is returned). ``check_values=False``
+    checks shape and dtype only (no device sync; ``FlowMatching(check_finite=False)`` passes it).
 
     Raises:
         ValueError: naming ``where`` when a conditional network gets a batch without conditions, or as
@@ -40,7 +43,7 @@ def batch_condition(batch: Any, where: str, conditioning: Conditioning, batch_si
             f"{where}: the network is conditional ({conditioning.describe()}) but the batch carries no condition; "
             f"give batches (x, y) or dicts with 'x' and one of {COND_KEYS} (e.g. a data module with labels=True)"
         )
-    return conditioning.check(raw, batch_size, f"{where}: condition", allow_null=True)
+    return conditioning.check(raw, batch_size, f"{where}: condition", allow_null=True, check_values=check_values)
 
 
 def batch_data(batch: Any, where: str = "batch") -> Tensor:

@@ -69,7 +69,9 @@ class Conditioning:
             return f"cond_dim={self.cond_dim}"
         return "unconditional"
 
-    def check(self, cond: Any, batch_size: int, name: str = "cond", allow_null: bool = False) -> Tensor:
+    def check(
+        self, cond: Any, batch_size: int, name: str = "cond", allow_null: bool = False, check_values: bool = True
+    ) -> Tensor:
         """``cond`` checked against this conditioning and the batch size (a Python int class is broadcast).
 
         Args:
@@ -77,6 +79,8 @@ class Conditioning:
             batch_size: ``B``.
             name: how errors name the argument (``"cond"``, ``"train batch 3: labels"``).
             allow_null: accept the "no condition" value (label ``num_classes``, a NaN row).
+            check_values: also check the values (labels in range, finite floats): one device sync; False checks
+                dtype and shape only.
 
         Returns:
             The condition as a tensor: int64 labels ``(B,)`` or fp32 ``(B, cond_dim)``.
@@ -95,10 +99,10 @@ class Conditioning:
         if not torch.is_tensor(cond):
             raise TypeError(f"{name} must be a tensor (or one int class), got {type(cond).__name__}")
         if self.num_classes is not None:
-            return self._check_labels(cond, batch_size, name, allow_null)
-        return self._check_floats(cond, batch_size, name, allow_null)
+            return self._check_labels(cond, batch_size, name, allow_null, check_values)
+        return self._check_floats(cond, batch_size, name, allow_null, check_values)
 
-    def _check_labels(self, cond: Tensor, batch_size: int, name: str, allow_null: bool) -> Tensor:
+    def _check_labels(self, cond: Tensor, batch_size: int, name: str, allow_null: bool, check_values: bool) -> Tensor:
         assert self.num_classes is not None
         if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
             raise TypeError(
@@ -109,6 +113,8 @@ class Conditioning:
             cond = cond[:, 0]
         if tuple(cond.shape) != (batch_size,):
             raise ValueError(f"{name} must have shape ({batch_size},) (one label per sample), got {tuple(cond.shape)}")
+        if not check_values:
+            return cond.long()
         top = self.num_classes + (1 if allow_null else 0)
         bad = (cond < 0) | (cond >= top)
         if bool(bad.any()):
@@ -120,13 +126,15 @@ class Conditioning:
             )
         return cond.long()
 
-    def _check_floats(self, cond: Tensor, batch_size: int, name: str, allow_null: bool) -> Tensor:
+    def _check_floats(self, cond: Tensor, batch_size: int, name: str, allow_null: bool, check_values: bool) -> Tensor:
         if not cond.is_floating_point():
             raise TypeError(
                 f"{name} must be a float tensor for a network with cond_dim={self.cond_dim}, got {cond.dtype}"
             )
         if tuple(cond.shape) != (batch_size, self.cond_dim):
             raise ValueError(f"{name} must have shape ({batch_size}, {self.cond_dim}), got {tuple(cond.shape)}")
+        if not check_values:
+            return cond.float()
         finite = torch.isfinite(cond)
         null_rows = torch.isnan(cond).all(dim=1) if allow_null else torch.zeros_like(finite[:, 0])
         bad = ~(finite.all(dim=1) | null_rows)

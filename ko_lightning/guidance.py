@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,7 +63,8 @@ class GuidedVelocity:
 
     Attributes:
         velocity: the model velocity ``velocity(x, t, cond)``.
-        cond: one condition per sample (rows aligned with ``x``), or None for the unconditional model.
+        cond: one condition per sample (rows aligned with ``x``, on the model's device), or None for the
+            unconditional model.
         scale: the guidance scale ``w``.
         null: the "no condition" value for the batch (needed when ``0 != w != 1``).
     """
@@ -72,6 +73,13 @@ class GuidedVelocity:
     cond: Tensor | None
     scale: float
     null: Tensor | None = None
+    both: Tensor | None = field(init=False, default=None)  # [cond, null], built once: the solver calls us per step
+
+    def __post_init__(self) -> None:
+        if self.cond is not None and self.calls_per_evaluation == 2:
+            if self.null is None:
+                raise ValueError("a guided velocity with 0 != w != 1 needs the null condition")
+            object.__setattr__(self, "both", torch.cat([self.cond, self.null]))
 
     @property
     def calls_per_evaluation(self) -> int:
@@ -79,12 +87,8 @@ class GuidedVelocity:
         return 1 if self.cond is None or self.scale in (0.0, 1.0) else 2
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.cond is None or self.scale == 0.0:
-            return self.velocity(x, t, None)
-        if self.scale == 1.0:
-            return self.velocity(x, t, self.cond.to(x.device))
-        assert self.null is not None, "a guided velocity with 0 != w != 1 needs the null condition"
+        if self.both is None:  # w = 0 or no condition: the unconditional model; w = 1: the conditional one
+            return self.velocity(x, t, None if self.scale == 0.0 else self.cond)
         t2 = torch.cat([t, t]) if t.ndim == 1 else t
-        both = self.velocity(torch.cat([x, x]), t2, torch.cat([self.cond, self.null]).to(x.device))
-        v_cond, v_uncond = both.chunk(2)
+        v_cond, v_uncond = self.velocity(torch.cat([x, x]), t2, self.both).chunk(2)
         return v_uncond + self.scale * (v_cond - v_uncond)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ko_lightning.conditioning import Conditioning
 from ko_lightning.guidance import GuidedVelocity, check_guidance
 from ko_lightning.likelihood import BitsPerDimResult, LogProbResult
-from ko_lightning.model_flow import ModelFlow, check_noise
+from ko_lightning.model_flow import ModelFlow, initial_noise
 from ko_lightning.parametrizations import OutputParametrization
 from ko_lightning.paths import GaussianPath, PathCoefficients, SampleGrid, ScaleTimeVelocity
 from ko_lightning.sampling import SampleResult
@@ -94,8 +94,10 @@ class FlowInference:
         """This model's flow over its trained range ``[t_eps, 1 - t_eps]``, as the ODE solvers see it: guided towards
         ``cond`` (:class:`~ko_lightning.guidance.GuidedVelocity`) and carried to ``path`` when given."""
         null = None
-        if cond is not None and guidance_scale not in (0.0, 1.0):
-            null = self.conditioning.null(cond.shape[0], cond.device)
+        if cond is not None:
+            cond = cond.to(self.device)  # once, not in every solver step
+            if guidance_scale not in (0.0, 1.0):
+                null = self.conditioning.null(cond.shape[0], self.device)
         guided = GuidedVelocity(self._conditional_velocity, cond, guidance_scale, null)
         velocity: Any = guided
         if path is not None and path is not self.path:
@@ -155,19 +157,13 @@ class FlowInference:
             ValueError: naming ``cond`` or ``guidance_scale`` (a scale for an unconditional model or without
                 ``cond``), or as ``ModelFlow.sample`` says.
         """
-        if (num_samples is None) == (x0 is None):
-            raise ValueError("give exactly one of num_samples or x0")
-        if x0 is not None:
-            check_noise(x0, self.data_shape)
-        elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        batch = int(x0.shape[0]) if x0 is not None else int(num_samples)  # type: ignore[arg-type]  # checked above
-        checked, scale = check_guidance(self.conditioning, cond, guidance_scale, batch)
+        noise = initial_noise(num_samples, x0, self.data_shape, generator)  # checks num_samples / x0 (one place)
+        checked, scale = check_guidance(self.conditioning, cond, guidance_scale, noise.shape[0])
         if path is not None and not isinstance(path, GaussianPath):
             raise TypeError(f"path must be a ko_lightning.paths.GaussianPath, got {type(path).__name__}")
         with self.eval_mode():
             return self._flow(checked, scale, path).sample(
-                num_samples, x0, method, steps, atol, rtol, generator, time_points, max_num_steps, grid, time_grid
+                None, noise, method, steps, atol, rtol, None, time_points, max_num_steps, grid, time_grid
             )
 
     def time_grid(self, steps: int, kind: TimeGridKind = "angle") -> tuple[float, ...]:

@@ -135,7 +135,7 @@ class FlowMatching(FlowInference, L.LightningModule):
         t_eps: train on ``t ~ U[t_eps, 1 - t_eps]``, in ``[0, 0.5)``; paths with a singular end (VP) need > 0.
         data_shape: shape of one sample; inferred from the first batch when None.
         val_seed: seed of the fixed noise and times of validation/test losses (comparable across epochs).
-        check_finite: raise on non-finite values in a batch (one device sync per step).
+        check_finite: raise on non-finite values in a batch, and on labels out of range (one device sync per step).
         train_seed: seed of the training noise, mixed with step and rank (exact resume); None: drawn at fit start.
         cond_dropout: probability that a training sample's condition is replaced by "no condition" (classifier-free
             guidance training; drawn from the step's seeded generator).
@@ -233,7 +233,7 @@ class FlowMatching(FlowInference, L.LightningModule):
 
     def _batch_cond(self, batch: Any, batch_idx: int, stage: str, batch_size: int) -> Tensor | None:
         """The conditions of a batch for a conditional network (checked), else None (:func:`batch_condition`)."""
-        return batch_condition(batch, f"{stage} batch {batch_idx}", self.conditioning, batch_size)
+        return batch_condition(batch, f"{stage} batch {batch_idx}", self.conditioning, batch_size, self.check_finite)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -143,21 +143,24 @@ class SpeedImportanceTime:
         if not 0 < mix <= 1:
             raise ValueError(f"time_sampler speed needs mix in (0, 1], got {mix!r}")
         self.mix, self.n_cells = float(mix), int(n_cells)
-        self._cache: tuple[Any, float, Tensor, Tensor] | None = None
+        self._cache: tuple[Any, float, torch.device, Tensor, Tensor] | None = None
 
     def _table(self, path: Any, t_eps: float, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(cdf, density)``: the CDF at the ``n_cells + 1`` cell edges and the density of each cell, on ``device``."""
-        if self._cache is None or self._cache[0] is not path or self._cache[1] != t_eps:
+        """``(cdf, density)`` on ``device``: the CDF at the ``n_cells + 1`` cell edges and each cell's density,
+        normalized to mean 1 over the cells (so it is ``q`` on ``u = (t - t_eps) / (1 - 2 t_eps)``). Built once per
+        path object (a KO refresh installs a new one), range and device: a training step only looks it up."""
+        cached = self._cache
+        if cached is None or cached[0] is not path or cached[1] != t_eps or cached[2] != device:
             buffer = next(path.buffers(), None)  # evaluate where the path's table lives
             at = torch.linspace(t_eps, 1.0 - t_eps, 2 * self.n_cells + 1, dtype=torch.float32)[1::2]  # cell midpoints
             c = path(at.to(buffer.device if buffer is not None else "cpu"))
             speed = (c.d_alpha.double() ** 2 + c.d_sigma.double() ** 2).sqrt().cpu()
-            density = self.mix + (1.0 - self.mix) * speed / speed.mean()  # mean 1 over the cells
+            density = self.mix + (1.0 - self.mix) * speed / speed.mean()
+            density = density / density.mean()
             cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(density, 0) / self.n_cells])
             cdf = cdf / cdf[-1]
-            self._cache = (path, t_eps, cdf, density)
-        _, _, cdf, density = self._cache
-        return cdf.to(device), density.to(device)
+            cached = self._cache = (path, t_eps, device, cdf.to(device), density.to(device))
+        return cached[3], cached[4]
 
     def weighted_times(
         self, path: Any, batch_size: int, generator: torch.Generator | None, device: torch.device, t_eps: float
@@ -168,8 +171,7 @@ class SpeedImportanceTime:
         cell = torch.searchsorted(cdf, u, right=True).clamp(1, self.n_cells) - 1
         frac = ((u - cdf[cell]) / (cdf[cell + 1] - cdf[cell])).clamp(0.0, 1.0)
         t = t_eps + (1.0 - 2.0 * t_eps) * (cell + frac) / self.n_cells
-        total = float(density.mean())
-        return t.float(), (total / density[cell]).float()
+        return t.float(), (1.0 / density[cell]).float()
 
     def __str__(self) -> str:
         return "speed" if self.mix == 0.5 else f"speed({self.mix:g})"

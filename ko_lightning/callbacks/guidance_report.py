@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ko_lightning.batches import batch_data
+from ko_lightning.callbacks.report_table import format_cell, write_report_table
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.conditioning import Conditioning
 from ko_lightning.metrics.fid_math import fid_from_features
@@ -27,6 +28,10 @@ ImageClassifier = Callable[[Tensor], tuple[Tensor, Tensor]]
 datamodule shows them (``datamodule.to_display(x)``: images ``(B, C, H, W)`` in ``[0, 1]``; the samples themselves
 when the datamodule has no ``to_display``), on the CPU, under ``torch.no_grad``; ``K`` must be the model's
 ``num_classes``. :class:`~ko_lightning.metrics.DigitsClassifier` is one (``classifier="digits"``)."""
+
+
+def _cell(column: str, value: Any) -> str:
+    return f"{value:g}" if column == "guidance_scale" else format_cell(value)
 
 
 def _class_conditioning(module: Any, owner: str) -> Conditioning:
@@ -205,40 +210,13 @@ class GuidanceReport(L.Callback):
             self.samples[w] = x
         return self.rows
 
-    def _cells(self, row: dict[str, Any], columns: list[str]) -> list[str]:
-        def cell(c: str) -> str:
-            value = row.get(c, "")
-            if c == "guidance_scale":
-                return f"{value:g}"
-            return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-        return [cell(c) for c in columns]
-
     def _write_table(self, run_dir: str | None, step: int) -> None:
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
         n = len(self.labels) if self.labels is not None else 0
-        lines = [f"# Classifier-free guidance after {step} training steps", ""]
-        lines += [f"{n} samples per scale ({self.num_per_class} per class), Euler {self.euler_steps} steps.", ""]
-        if "fid" in columns:
-            lines += ["FID: in the classifier's feature space, against the training split.", ""]
-        lines.append("| " + " | ".join(columns) + " |")
-        lines.append("|" + "---|" * len(columns))
-        lines += ["| " + " | ".join(self._cells(row, columns)) + " |" for row in self.rows]
-        if run_dir is not None:
-            with open(os.path.join(run_dir, "guidance.md"), "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-        try:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title=f"ko_lightning guidance after {step} steps" + (f" ({run_dir})" if run_dir else ""))
-            for c in columns:
-                table.add_column(c)
-            for row in self.rows:
-                table.add_row(*self._cells(row, columns))
-            Console().print(table)
-        except ImportError:  # pragma: no cover - rich is a dependency; keep the report if it is missing
-            print("\n".join(lines))
+        preamble = [f"{n} samples per scale ({self.num_per_class} per class), Euler {self.euler_steps} steps."]
+        if any("fid" in row for row in self.rows):
+            preamble.append("FID: in the classifier's feature space, against the training split.")
+        title = f"Classifier-free guidance after {step} training steps"
+        write_report_table(self.rows, title, preamble, run_dir, "guidance.md", _cell)
 
     def _write_picture(self, file: str, datamodule: Any) -> None:
         import matplotlib

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from ko_lightning.batches import batch_data
 from ko_lightning.callbacks.protocol_check import require_protocol
+from ko_lightning.callbacks.report_table import write_report_table
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
 from ko_lightning.protocols import SamplingModule
@@ -107,32 +108,8 @@ class SampleReport(L.Callback):
             self._write_picture(run_dir, trainer, samples, reference)
 
     def _write_table(self, run_dir: str | None, val_loss: float | None, step: int) -> None:
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        lines = [f"# Samples after {step} training steps", ""]
-        if val_loss is not None:
-            lines += [f"Final validation loss: {val_loss:.4f}", ""]
-        lines.append("| " + " | ".join(columns) + " |")
-        lines.append("|" + "---|" * len(columns))
-        for row in self.rows:
-            cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-            lines.append("| " + " | ".join(cells) + " |")
-        if run_dir is not None:
-            with open(os.path.join(run_dir, "metrics.md"), "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-        try:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title=f"ko_lightning samples after {step} steps" + (f" ({run_dir})" if run_dir else ""))
-            for c in columns:
-                table.add_column(c)
-            for row in self.rows:
-                table.add_row(
-                    *(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
-                )
-            Console().print(table)
-        except ImportError:  # pragma: no cover - rich is a dependency; keep the report if it is missing
-            print("\n".join(lines))
+        preamble = [] if val_loss is None else [f"Final validation loss: {val_loss:.4f}"]
+        write_report_table(self.rows, f"Samples after {step} training steps", preamble, run_dir, "metrics.md")
 
     def _write_picture(
         self, run_dir: str, trainer: L.Trainer, samples: dict[int, Tensor], reference: Tensor | None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ko_lightning.data.base import IndexedTransform, SplitTensorDataModule, derive_seed, split_indices, split_sizes
-from ko_lightning.data.labels import check_label_range, folder_class_labels, load_array_labels
+from ko_lightning.data.labels import check_label_range, folder_class_labels, load_array_labels, pick_npz_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -216,18 +216,8 @@ def load_image_array(path: str | Path, image_size: int | None = None, npz_key: s
             array = archive
         else:
             with archive:
-                keys = list(archive.keys())
-                if npz_key is not None:
-                    if npz_key not in keys:
-                        raise ValueError(f"npz_key={npz_key!r} is not in {source!r}; its keys are {keys}")
-                    key = npz_key
-                else:
-                    found = [k for k in NPZ_KEYS if k in keys]
-                    if not found:
-                        raise ValueError(
-                            f"{source!r} has none of the keys {list(NPZ_KEYS)}; its keys are {keys}: pass npz_key"
-                        )
-                    key = found[0]
+                missing = "{source!r} has none of the keys {defaults}; its keys are {keys}: pass npz_key"
+                key = pick_npz_key(list(archive.keys()), npz_key, "npz_key", NPZ_KEYS, source, missing)
                 try:
                     array = archive[key]  # reads and checks the member: a truncated archive fails here
                 except _READ_ERRORS as err:

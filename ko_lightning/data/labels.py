@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LABEL_KEYS", "check_label_range", "folder_class_labels", "load_array_labels"]
+__all__ = ["LABEL_KEYS", "check_label_range", "folder_class_labels", "load_array_labels", "pick_npz_key"]
 
 LABEL_KEYS: tuple[str, ...] = ("labels", "y")
 """Keys tried, in order, for the labels of an ``.npz`` file read without ``labels_key``."""
@@ -28,6 +28,26 @@ def _unreadable(source: str, err: BaseException) -> ValueError:
         f"cannot read the labels in {source!r} ({type(err).__name__}: {err}): the file is truncated or corrupt, or "
         "the labels are not a plain integer array (pickled object arrays are refused); write it again with np.savez"
     )
+
+
+def pick_npz_key(
+    keys: list[str], requested: str | None, argument: str, defaults: Sequence[str], source: str, missing: str
+) -> str:
+    """The member of an ``.npz`` file to read: ``requested`` if given (it must exist), else the first of
+    ``defaults`` present.
+
+    Raises:
+        ValueError: naming ``argument`` when ``requested`` is absent; ``missing`` (formatted with ``source``,
+            ``defaults`` and ``keys``) when no default is present.
+    """
+    if requested is not None:
+        if requested not in keys:
+            raise ValueError(f"{argument}={requested!r} is not in {source!r}; its keys are {keys}")
+        return requested
+    found = [k for k in defaults if k in keys]
+    if not found:
+        raise ValueError(missing.format(source=source, defaults=list(defaults), keys=keys))
+    return found[0]
 
 
 def load_array_labels(path: str | Path, num_images: int, labels_key: str | None = None) -> Tensor:
@@ -58,19 +78,15 @@ def load_array_labels(path: str | Path, num_images: int, labels_key: str | None 
             "their labels in one .npz file, e.g. np.savez(file, x=images, labels=labels)"
         )
     with archive:
-        keys = list(archive.keys())
-        if labels_key is not None:
-            if labels_key not in keys:
-                raise ValueError(f"labels_key={labels_key!r} is not in {source!r}; its keys are {keys}")
-            key = labels_key
-        else:
-            found = [k for k in LABEL_KEYS if k in keys]
-            if not found:
-                raise ValueError(
-                    f"labels=True, but {source!r} has none of the label keys {list(LABEL_KEYS)}; its keys are {keys}: "
-                    "store the labels under 'labels' or pass labels_key"
-                )
-            key = found[0]
+        key = pick_npz_key(
+            list(archive.keys()),
+            labels_key,
+            "labels_key",
+            LABEL_KEYS,
+            source,
+            "labels=True, but {source!r} has none of the label keys {defaults}; its keys are {keys}: store the labels "
+            "under 'labels' or pass labels_key",
+        )
         where = f"{source}[{key!r}]"
         try:
             labels = archive[key]

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ko_lightning.conditioning import Conditioning
+
 __all__ = ["ConditionEmbedding", "SinusoidalTimeEmbedding", "expand_time"]
 
 
@@ -98,11 +100,8 @@ class ConditionEmbedding(nn.Module):
 
     def __init__(self, dim: int, num_classes: int | None = None, cond_dim: int | None = None) -> None:
         super().__init__()
-        if (num_classes is None) == (cond_dim is None):
-            raise ValueError(f"give exactly one of num_classes or cond_dim, got {num_classes!r} and {cond_dim!r}")
-        for name, value in (("num_classes", num_classes), ("cond_dim", cond_dim)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not Conditioning(num_classes, cond_dim).is_conditional:  # Conditioning checks each and "not both"
+            raise ValueError("give exactly one of num_classes or cond_dim, got neither")
         self.num_classes = num_classes
         self.cond_dim = cond_dim
         if num_classes is not None:
@@ -117,8 +116,12 @@ class ConditionEmbedding(nn.Module):
     def forward(self, cond: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
         """Embed ``cond`` (labels ``(B,)`` or floats ``(B, cond_dim)``; None: "no condition") into ``(B, dim)``.
 
+        Only shapes are checked here (no device sync: this runs in every training step and every ODE evaluation);
+        ``FlowMatching`` checks label values where conditions enter (batches, ``sample``, ``velocity``), with
+        :meth:`~ko_lightning.conditioning.Conditioning.check`.
+
         Raises:
-            ValueError: naming ``cond`` for a wrong shape or a label outside ``[0, num_classes]``.
+            ValueError: naming ``cond`` for a wrong shape or dtype.
         """
         if self.num_classes is not None:
             if cond is None:
@@ -126,11 +129,6 @@ class ConditionEmbedding(nn.Module):
             if cond.is_floating_point() or tuple(cond.shape) != (batch_size,):
                 raise ValueError(
                     f"cond must be integer labels of shape ({batch_size},), got {cond.dtype} {tuple(cond.shape)}"
-                )
-            if bool(((cond < 0) | (cond > self.num_classes)).any()):
-                raise ValueError(
-                    f"cond labels must lie in [0, {self.num_classes}] (num_classes={self.num_classes}; "
-                    f"{self.num_classes} is 'no condition'), got min {int(cond.min())}, max {int(cond.max())}"
                 )
             return self.table(cond.long())
         if cond is None:
