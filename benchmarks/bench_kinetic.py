@@ -12,6 +12,11 @@ Run:  python benchmarks/bench_kinetic.py [--threads N] [--out benchmarks/results
    temporaries: ours ``4 (R C + 3 q C + R d + 2 C d)`` bytes for R rows, C data rows per chunk, q queries per
    block; naive ``4 (3 Q n + 3 Q d)`` for its Q x n matrices, not counting what ``torch.cdist`` allocates
    inside). Times are the best of a few alternating runs, because the CPU is shared with other jobs.
+3. The data estimator's achieved FLOP rate as a fraction of this CPU's fp32 matmul rate, both measured in the same
+   run: the matmul rate of a large ``torch.mm`` (2048 x 3072 times 3072 x 2048), and the estimator on the
+   synthetic 50,000 x 3072 set with 256 queries x 8 angles in one block (query_chunk 2048), its FLOPs counted
+   by the cost model of docs/scale.md §2.1 (:class:`ko_lightning.kinetic.data_kernel.KernelWork`: the Gram
+   matmuls, the angle combination and the weighted sums actually run after pruning).
 """
 
 from __future__ import annotations
@@ -34,12 +39,16 @@ from sklearn.datasets import load_digits
 from ko_lightning.kinetic import (
     DataNormalization,
     SeparationFunction,
+    SeparationSums,
     default_theta_grid,
     estimate_separation_from_data,
     kinetic_energy,
     separation_sums_from_queries,
     solve_ko,
 )
+from ko_lightning.kinetic.collectives import SingleProcess
+from ko_lightning.kinetic.data_kernel import KernelWork
+from ko_lightning.kinetic.sharded import sharded_separation_sums
 from ko_lightning.paths import CondOTPath
 
 MB = 2**20
@@ -161,9 +170,9 @@ def bench_estimator(
     pairs = n_theta * n_queries
 
     def ours() -> torch.Tensor:
-        return separation_sums_from_queries(
-            y, theta, index, eps, identity, query_chunk=query_chunk, data_chunk=data_chunk
-        ).lam
+        s = separation_sums_from_queries(y, theta, index, eps, identity, query_chunk=query_chunk, data_chunk=data_chunk)
+        # the naive version's estimator: the control variate D1 alone (ours also has D2, which moves lambda ~1e-3)
+        return SeparationSums(s.theta, s.sq_error, s.count, s.sq_error_sq, s.cv_sum, s.cv_sq, s.cv_cross).lam
 
     def naive() -> torch.Tensor:
         return naive_lam(y, theta, y[index], eps)
@@ -191,6 +200,43 @@ def bench_estimator(
         f"| estimator peak RSS above baseline (theoretical temporaries) | {setting}; query_chunk={query_chunk}, "
         f"data_chunk={data_chunk} | {mem(mem_ours)} ({theory_ours:.0f} MiB) | {mem(mem_naive)} "
         f"({theory_naive:.0f} MiB) | max abs diff of lambda {diff:.1e} |",
+    ]
+
+
+def matmul_rate(repeats: int = 5) -> float:
+    """Best fp32 ``torch.mm`` rate (FLOP/s) of a 2048 x 3072 by 3072 x 2048 product (``2 m k n`` FLOPs)."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2048, 3072, generator=g), torch.randn(3072, 2048, generator=g)
+    out = torch.empty(2048, 2048)
+    torch.mm(a, b, out=out)  # warm-up
+    best = min(timed(lambda: torch.mm(a, b, out=out))[1] for _ in range(repeats))
+    return 2.0 * 2048 * 3072 * 2048 / best
+
+
+def bench_flop_rate(y: torch.Tensor, n_theta: int, n_queries: int, query_chunk: int, repeats: int) -> list[str]:
+    """The estimator's achieved FLOP rate (FLOPs of docs/scale.md §2.1) over the matmul rate, measured alternately."""
+    n, d = y.shape
+    g = torch.Generator().manual_seed(3)
+    index = torch.randperm(n, generator=g)[:n_queries]
+    eps = torch.randn(n_queries, d, generator=g)
+    identity = DataNormalization(torch.zeros(d, dtype=torch.float64), 1.0, n)
+    theta = default_theta_grid(n_theta)
+    peak, best = 0.0, math.inf
+    works = [KernelWork() for _ in range(repeats)]
+    for work in works:  # alternate: both see the same load on the shared CPU
+        peak = max(peak, matmul_rate())
+        start = time.perf_counter()
+        sharded_separation_sums(y, theta, index, eps, identity, SingleProcess(), query_chunk, work=work)
+        best = min(best, time.perf_counter() - start)
+    work = works[-1]  # the same work in every run
+    rate = work.flops / best
+    dense = 4.0 * n_queries * n * d + 2.0 * n_theta * n_queries * n * d
+    return [
+        f"| fp32 matmul rate (best of {repeats}) | torch.mm 2048 x 3072 x 2048 | {peak / 1e9:.1f} GFLOP/s | | |",
+        f"| estimator FLOP rate (best of {repeats}) | synthetic: n={n}, d={d}, {n_theta} angles x {n_queries} "
+        f"queries, query_chunk={query_chunk}; {work.flops / 1e9:.0f} GFLOP counted ({100 * work.flops / dense:.0f}% "
+        f"of the unpruned {dense / 1e9:.0f}) | {best:.2f} s, {rate / 1e9:.1f} GFLOP/s | matmul {peak / 1e9:.1f} "
+        f"GFLOP/s | {100 * rate / peak:.0f}% of the matmul rate |",
     ]
 
 
@@ -248,6 +294,7 @@ def main() -> None:
     big.sub_(big.mean(0))
     big.mul_(1.0 / float(big.pow(2).mean().sqrt()))
     rows += bench_estimator("synthetic", big, 8, 64, 1024, 2048, repeats=2)
+    rows += bench_flop_rate(big, 8, 256, 2048, repeats=2)
 
     header = [
         f"Setting: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s) on a "

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FlowMatching": "ko_lightning.module",
+    "EvalCallback": "ko_lightning.callbacks.eval_callback",
     "KOScheduleCallback": "ko_lightning.callbacks.ko_schedule",
     "SolverSpec": "ko_lightning.sampling",
     "SampleResult": "ko_lightning.sampling",

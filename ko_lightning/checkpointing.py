@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ko_lightning.conditioning import Conditioning
+from ko_lightning.likelihood import PixelMap
 from ko_lightning.paths import GaussianPath
 from ko_lightning.paths.serialization import path_from_state, path_to_state
 
@@ -38,6 +39,7 @@ class ModuleState:
     path: GaussianPath
     data_shape: tuple[int, ...] | None
     train_seed: int | None
+    pixel_map: PixelMap | None = None
 
 
 def write_module_state(
@@ -47,10 +49,11 @@ def write_module_state(
     parametrization: str,
     train_seed: int,
     conditioning: Conditioning | None = None,
+    pixel_map: PixelMap | None = None,
 ) -> None:
-    """Add the path (as plain tensors and strings), data shape, parametrization, noise seed and the network's
-    conditioning (``num_classes`` / ``cond_dim``) to ``checkpoint`` under :data:`CHECKPOINT_KEY` (merged into an
-    entry that is already there)."""
+    """Add the path (as plain tensors and strings), data shape, parametrization, noise seed, the network's
+    conditioning (``num_classes`` / ``cond_dim``) and the data's pixel map (for bits/dim in data units) to
+    ``checkpoint`` under :data:`CHECKPOINT_KEY` (merged into an entry that is already there)."""
     state = checkpoint.setdefault(CHECKPOINT_KEY, {})
     state["path"] = path_to_state(path)
     state["data_shape"] = data_shape
@@ -58,6 +61,7 @@ def write_module_state(
     state["train_seed"] = train_seed
     conditioning = conditioning or Conditioning()
     state["conditioning"] = {"num_classes": conditioning.num_classes, "cond_dim": conditioning.cond_dim}
+    state["pixel_map"] = None if pixel_map is None else pixel_map.to_state()
 
 
 def _check_conditioning(saved: Any, conditioning: Conditioning) -> None:
@@ -86,7 +90,7 @@ def read_module_state(
         ValueError: when there is no entry and the weights lie outside ``net.`` (the checkpoint comes from another
             module), the entry is malformed, it was saved with another parametrization (the network's output
             would be read as something else; the message names both), with another conditioning (``num_classes``
-            / ``cond_dim``, both named), or its path cannot be rebuilt.
+            / ``cond_dim``, both named), or its path or pixel map cannot be rebuilt.
     """
     state = checkpoint.get(CHECKPOINT_KEY)
     if state is None:
@@ -115,10 +119,12 @@ def read_module_state(
     path = path_from_state(state["path"])  # may raise
     data_shape = state.get("data_shape")
     train_seed = state.get("train_seed")
+    pixel_map = state.get("pixel_map")  # absent in older checkpoints
     return ModuleState(
         path=path,
         data_shape=None if data_shape is None else tuple(data_shape),
         train_seed=None if train_seed is None else int(train_seed),
+        pixel_map=None if pixel_map is None else PixelMap.from_state(pixel_map),
     )
 
 

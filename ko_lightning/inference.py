@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ko_lightning.conditioning import Conditioning
 from ko_lightning.guidance import GuidedVelocity, check_guidance
-from ko_lightning.likelihood import BitsPerDimResult, LogProbResult
+from ko_lightning.likelihood import BitsPerDimResult, LogProbResult, PixelMap, resolve_pixel_map
 from ko_lightning.model_flow import ModelFlow, initial_noise
 from ko_lightning.parametrizations import OutputParametrization
 from ko_lightning.paths import GaussianPath, PathCoefficients, SampleGrid, ScaleTimeVelocity
@@ -42,6 +42,7 @@ class FlowInference:
         data_shape: tuple[int, ...] | None
         conditioning: Conditioning
         training: bool
+        pixel_map: PixelMap | None
 
         @property
         def path(self) -> GaussianPath: ...
@@ -201,17 +202,47 @@ class FlowInference:
         atol: float | None = None,
         rtol: float | None = None,
         divergence: str = "auto",
-        num_bins: int = 256,
-        data_range: tuple[float, float] = (-1.0, 1.0),
+        num_bins: int | None = None,
+        data_range: tuple[float, float] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
         max_num_steps: int | None = None,
         cond: Tensor | int | None = None,
+        pixel_map: PixelMap | None = None,
     ) -> BitsPerDimResult:
-        """Bits per dimension of integer images ``x`` in ``[0, num_bins - 1]`` (given ``cond``: of the conditional
-        model), in eval mode. Arguments and errors: :meth:`ko_lightning.model_flow.ModelFlow.bpd`."""
+        """Bits per dimension of integer pixels ``x`` in the data's own units (given ``cond``: of the conditional
+        model), in eval mode (docs/math.md §8).
+
+        ``x`` holds the pixels as the data set stores them: uint8 ``0..255`` for images, ``0..16`` for the digits.
+        They are dequantized with the data's own normalization: ``pixel_map``, else the one recorded from the data
+        module at fit time (:attr:`pixel_map`, saved in checkpoints), else 8-bit data on ``[-1, 1]``. ``num_bins``
+        / ``data_range`` override it (``y = lo + (hi - lo)(x + w) / num_bins``). Other arguments and errors:
+        :meth:`ko_lightning.model_flow.ModelFlow.bpd`.
+
+        Raises:
+            ValueError: naming ``pixel_map`` when it is given together with ``num_bins`` / ``data_range``; naming
+                ``x`` for pixels outside ``[0, levels - 1]`` or not integer.
+        """
+        if pixel_map is not None and (num_bins is not None or data_range is not None):
+            raise ValueError("give either pixel_map or num_bins / data_range, not both")
+        used = resolve_pixel_map(num_bins, data_range, pixel_map if pixel_map is not None else self.pixel_map)
         checked, _ = check_guidance(self.conditioning, cond, None, x.shape[0])
         with self.eval_mode():
             return self._flow(checked).bpd(
-                x, method, steps, atol, rtol, divergence, num_bins, data_range, generator, progress, max_num_steps
+                x, method, steps, atol, rtol, divergence, used, generator, progress, max_num_steps
             )
+
+    def to_pixels(self, samples: Tensor) -> Tensor:
+        """Model-space samples (what :meth:`sample` returns) -> integer pixels in the data's units (int64), through
+        :attr:`pixel_map`: ``round(y scale + offset)`` clipped to ``[0, levels - 1]``.
+
+        Raises:
+            ValueError: when no pixel map is known (the model was not fitted with a data module that has
+                ``pixel_map()``, e.g. 2D data): map samples back with the data module's ``denormalize``.
+        """
+        if self.pixel_map is None:
+            raise ValueError(
+                "this model has no pixel_map (it was not fitted on pixel data, or its checkpoint predates pixel maps): "
+                "set model.pixel_map = datamodule.pixel_map(), or use the data module's denormalize"
+            )
+        return self.pixel_map.to_pixels(samples)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ko_lightning.angular_grid import AngleGrid
-from ko_lightning.likelihood import BitsPerDimResult, LogProbResult, bits_per_dim, log_prob
+from ko_lightning.likelihood import BitsPerDimResult, LogProbResult, PixelMap, bits_per_dim, log_prob
 from ko_lightning.likelihood.trace import DivergenceMethod
 from ko_lightning.ode import ADAPTIVE_METHODS, SolverSpec
 from ko_lightning.parametrizations import OutputParametrization
@@ -322,17 +322,17 @@ class ModelFlow:
         atol: float | None = None,
         rtol: float | None = None,
         divergence: str = "auto",
-        num_bins: int = 256,
-        data_range: tuple[float, float] = (-1.0, 1.0),
+        pixel_map: PixelMap | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
         max_num_steps: int | None = None,
     ) -> BitsPerDimResult:
-        """Bits per dimension of integer images ``x`` (uint8 or integer-valued, in ``[0, num_bins - 1]``).
+        """Bits per dimension of integer pixels ``x`` (uint8 or integer-valued, in ``[0, levels - 1]``).
 
-        Uniform dequantization into ``data_range`` and the 8-bit term:
-        ``bpd = -(log p(y) + D log((hi - lo) / num_bins)) / (D ln 2)``, an upper bound on ``-log2 P(x) / D``
-        (see :func:`ko_lightning.likelihood.bits_per_dim`), with ``log p`` as in :meth:`log_prob`.
+        Uniform dequantization ``y = (x + w - offset) / scale`` through ``pixel_map`` (default: 8-bit data on
+        ``[-1, 1]``, ``PixelMap.from_range(256)``) and its Jacobian term:
+        ``bpd = -(log p(y) - D log(scale)) / (D ln 2)``, an upper bound on ``-log2 P(x) / D`` (docs/math.md §8;
+        :func:`ko_lightning.likelihood.bits_per_dim`), with ``log p`` as in :meth:`log_prob`.
         """
         t_start, t_end = self.solve_range()
         solver = solver_spec(method, steps, atol, rtol, max_num_steps)
@@ -346,7 +346,6 @@ class ModelFlow:
             t_start=t_end,
             t_end=t_start,
             progress=progress,
-            num_bins=num_bins,
-            data_range=data_range,
             context=self.context,
+            pixel_map=pixel_map,
         )

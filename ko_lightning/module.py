@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ko_lightning.batches import batch_condition, check_batch
 from ko_lightning.checkpointing import (
     check_checkpoint_file,
     missing_state_message,
@@ -27,7 +26,9 @@ from ko_lightning.checkpointing import (
     write_module_state,
 )
 from ko_lightning.conditioning import Conditioning
+from ko_lightning.finite_checks import FiniteChecks, FiniteMode
 from ko_lightning.inference import FlowInference
+from ko_lightning.likelihood import PixelMap, data_pixel_map
 from ko_lightning.objective import draw_time_and_noise, draw_times, flow_matching_loss
 from ko_lightning.parametrizations import (
     LossWeighting,
@@ -97,7 +98,11 @@ def _checked(
 
 
 def _report_global_batch(module: L.LightningModule, per_device: int) -> None:
-    """Log (rank 0) and print once the global batch: per-device batch x devices x gradient accumulation."""
+    """Log (rank 0) and print once the global batch: per-device batch x devices x gradient accumulation.
+
+    Written straight to every logger at the current step: through ``module.log`` it reached ``metrics.csv`` only
+    when the step was a logging step (``log_every_n_steps``), so an epoch shorter than that lost it.
+    """
     if module._trainer is None:
         return
     trainer = module.trainer
@@ -108,7 +113,9 @@ def _report_global_batch(module: L.LightningModule, per_device: int) -> None:
         f"ko_lightning: global batch = {per_device} per device x {world} device(s) x {accumulate} "
         f"accumulation = {global_batch}"
     )
-    module.log("global_batch_size", float(global_batch), rank_zero_only=True, batch_size=per_device)
+    if trainer.is_global_zero:  # no collective in here: rank 0 alone writes
+        for logger in trainer.loggers:
+            logger.log_metrics({"global_batch_size": float(global_batch)}, step=trainer.global_step)
 
 
 class FlowMatching(FlowInference, L.LightningModule):
@@ -135,7 +142,10 @@ class FlowMatching(FlowInference, L.LightningModule):
         t_eps: train on ``t ~ U[t_eps, 1 - t_eps]``, in ``[0, 0.5)``; paths with a singular end (VP) need > 0.
         data_shape: shape of one sample; inferred from the first batch when None.
         val_seed: seed of the fixed noise and times of validation/test losses (comparable across epochs).
-        check_finite: raise on non-finite values in a batch, and on labels out of range (one device sync per step).
+        check_finite: raise on non-finite values in a batch, and on labels out of range: True checks each batch on
+            the CPU and, on accelerators, keeps a device-side record read every ``check_finite_every`` steps, at
+            the end and before checkpoints (no sync per step; docs/scale.md §4); "immediate"/"deferred" force one.
+        check_finite_every: steps between reads of the deferred record.
         train_seed: seed of the training noise, mixed with step and rank (exact resume); None: drawn at fit start.
         cond_dropout: probability that a training sample's condition is replaced by "no condition" (classifier-free
             guidance training; drawn from the step's seeded generator).
@@ -156,7 +166,8 @@ class FlowMatching(FlowInference, L.LightningModule):
         t_eps: float = 0.0,
         data_shape: tuple[int, ...] | None = None,
         val_seed: int = 1234,
-        check_finite: bool = True,
+        check_finite: bool | FiniteMode = True,
+        check_finite_every: int = 100,
         train_seed: int | None = None,
         cond_dropout: float = 0.0,
         time_sampler: TimeSamplerSpec = "auto",
@@ -178,11 +189,13 @@ class FlowMatching(FlowInference, L.LightningModule):
         self.t_eps = float(t_eps)
         self.data_shape: tuple[int, ...] | None = tuple(data_shape) if data_shape is not None else None
         self.val_seed = int(val_seed)
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_finite
+        self._finite = FiniteChecks(check_finite, check_finite_every)
         self.train_seed = None if train_seed is None else int(train_seed)
         self.set_path(CondOTPath() if path is None else path)
         self._global_batch_reported = False
         self._run_seed: int | None = None  # train_seed=None: drawn at fit start, restored from checkpoints
+        self.pixel_map: PixelMap | None = None  # the data's units for bpd/to_pixels: set at fit start, checkpointed
 
     @property
     def path(self) -> GaussianPath:
@@ -227,18 +240,19 @@ class FlowMatching(FlowInference, L.LightningModule):
 
     def _batch_tensor(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         """The data of a batch, checked (:func:`~ko_lightning.batches.check_batch`), as fp32."""
-        x = check_batch(batch, f"{stage} batch {batch_idx}", self.data_shape, self.check_finite)
+        x = self._finite.data(batch, stage, batch_idx, self.global_step, self.data_shape)
         self.data_shape = tuple(x.shape[1:])  # the first batch fixes an unknown shape; later ones were checked
         return x.float()
 
     def _batch_cond(self, batch: Any, batch_idx: int, stage: str, batch_size: int) -> Tensor | None:
         """The conditions of a batch for a conditional network (checked), else None (:func:`batch_condition`)."""
-        return batch_condition(batch, f"{stage} batch {batch_idx}", self.conditioning, batch_size, self.check_finite)
+        return self._finite.cond(batch, stage, batch_idx, self.global_step, self.conditioning, batch_size)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x1 = self._batch_tensor(batch, batch_idx, "train")
         cond = self._batch_cond(batch, batch_idx, "train", x1.shape[0])
+        self._finite.maybe_check(self.global_step)  # deferred check_finite: a sync every k steps
         if not self._global_batch_reported:
             self._global_batch_reported = True
             _report_global_batch(self, x1.shape[0])
@@ -256,9 +270,11 @@ class FlowMatching(FlowInference, L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """With ``train_seed=None``, fix the run's noise seed on every rank (``PL_GLOBAL_SEED`` or a draw on rank 0)."""
+        """With ``train_seed=None``, fix the run's noise seed on every rank (``PL_GLOBAL_SEED`` or a draw on rank 0);
+        record the data module's pixel map (the data's units for :meth:`bpd` and :meth:`to_pixels`)."""
         if self.train_seed is None and self._run_seed is None:
             self._run_seed = int(self.trainer.strategy.broadcast(draw_run_seed(), src=0))
+        self.pixel_map = data_pixel_map(getattr(self.trainer, "datamodule", None), self.pixel_map)
 
     def _fixed_noise_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         x1 = self._batch_tensor(batch, batch_idx, stage)
@@ -285,9 +301,20 @@ class FlowMatching(FlowInference, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     @override
+    def on_train_end(self) -> None:
+        self._finite.check(self.global_step, "at the end of training")
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._finite.check(self.global_step, "before saving a checkpoint")  # never save a poisoned model
         write_module_state(
-            checkpoint, self.path, self.data_shape, self.parametrization, self._noise_seed(), self.conditioning
+            checkpoint,
+            self.path,
+            self.data_shape,
+            self.parametrization,
+            self._noise_seed(),
+            self.conditioning,
+            self.pixel_map,
         )
 
     @override
@@ -302,6 +329,8 @@ class FlowMatching(FlowInference, L.LightningModule):
             self.data_shape = state.data_shape
         if state.train_seed is not None:  # the resumed run goes on with the noise stream it started
             self._run_seed = state.train_seed
+        if state.pixel_map is not None:
+            self.pixel_map = state.pixel_map
 
     @classmethod
     @override

@@ -22,7 +22,7 @@ _CALLBACK_OVERRIDES: dict[str, dict[str, Any]] = {
         "max_data": 32,
         "batch_size": 16,
     },
-    "SampleReport": {"num_samples": 8, "euler_steps": [2]},
+    "SampleReport": {"num_samples": 8, "euler_steps": [2], "time_budget": None},
     "GuidanceReport": {"num_per_class": 2, "euler_steps": 2, "num_shown": 1},
 }
 
@@ -66,13 +66,15 @@ def shrink_recipe(
         default_root_dir=str(directory),
     )
     trainer["logger"]["init_args"]["save_dir"] = str(directory)
-    for callback in trainer.get("callbacks", []):
+    config["ko"] = {**(config.get("ko") or {}), **_CALLBACK_OVERRIDES["KOScheduleCallback"]}  # the --ko.* group
+    report = config.get("report")  # the --report.* group: a SampleReport or a GuidanceReport
+    for callback in [*trainer.get("callbacks", []), *([report] if report else [])]:
         args = callback.setdefault("init_args", {})
         name = callback["class_path"].rsplit(".", 1)[-1]
         args.update(_CALLBACK_OVERRIDES.get(name, {}))
         if name == "GuidanceReport":
             args["classifier_cache_dir"] = str(classifier_cache_dir or directory / "classifier_cache")
-        if name == "ModelCheckpoint":
+        if name in ("ModelCheckpoint", "LastCheckpoint"):
             args.update(every_n_train_steps=2, dirpath=str(directory / "ckpt"))
     model = config["model"]
     net = model["net"]["init_args"]

@@ -84,10 +84,11 @@ def test_two_process_ddp_refreshes_are_identical_and_pool_the_shares(tmp_path, c
         for a, b in zip(r0["table"], r1["table"], strict=True):
             assert torch.equal(a, b)  # bit-identical path buffers on both ranks
         assert torch.equal(r0["lam_raw"], r1["lam_raw"])
-        # all-reduced lambda == one process's estimate over the union of both ranks' query shares: the same
-        # per-share sums (the same code, inputs and kernels on one machine), added once in float64 either way,
-        # then the same float64 arithmetic: equal up to a few u64
-        torch.testing.assert_close(r0["lam_raw"], r0["union_lam"].to(r0["lam_raw"]), atol=1e-12, rtol=0)
+        # all-reduced lambda == one process's estimate over the union of both ranks' shards and query shares
+        # (docs/scale.md §2): the sharded posterior adds the ranks' fp32 partial sums in another order than one
+        # process streams the rows (relative ~1e-7 per posterior mean, the float64 kernels agree to 1e-10 in
+        # tests/test_sharded_estimator.py), which moved lambda by < 1e-7 here
+        torch.testing.assert_close(r0["lam_raw"], r0["union_lam"].to(r0["lam_raw"]), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------- resume

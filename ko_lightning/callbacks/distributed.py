@@ -11,14 +11,18 @@ from typing import TypeVar, cast
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ko_lightning.kinetic import RefreshOutcome, SeparationSums
+from ko_lightning.kinetic.collectives import TorchDistributed
 
 __all__ = [
+    "PendingSums",
     "all_reduce_sums",
     "broadcast_from_rank_zero",
     "compute_on_every_rank",
+    "data_parallel_reduce",
     "raise_if_any_rank_failed",
     "reduce_sum",
 ]
@@ -41,11 +45,42 @@ def reduce_sum(trainer: L.Trainer, tensor: Tensor) -> Tensor:
     return reduced.to("cpu", torch.float64)
 
 
-def all_reduce_sums(trainer: L.Trainer, sums: SeparationSums) -> SeparationSums:
+def data_parallel_reduce() -> TorchDistributed | None:
+    """The collectives of the default process group for the sharded data estimator (docs/scale.md §2), or
+    ``None`` on one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchDistributed()
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSums:
+    """A rank's separation sums whose collective part has not run yet (the sharded data estimator, docs/scale.md
+    §2): prepared under :func:`compute_on_every_rank`, so that a failure on any rank is known to all before any
+    rank enters the estimator's collectives, then completed by :func:`all_reduce_sums` on every rank.
+
+    Attributes:
+        collective: computes the rank's sums; a collective, called once on every rank.
+        local: sums already computed on this rank alone (the model estimator's), added to the result; or None.
+    """
+
+    collective: Callable[[], SeparationSums]
+    local: SeparationSums | None = None
+
+    def resolve(self) -> SeparationSums:
+        """Run the collective part (on every rank at once) and add the local sums."""
+        sums = self.collective()
+        return sums if self.local is None else sums + self.local
+
+
+def all_reduce_sums(trainer: L.Trainer, sums: SeparationSums | PendingSums) -> SeparationSums:
     """Sum every field of ``sums`` over the ranks in one all-reduce (the theta grid is the same everywhere).
 
     The fields are additive (docs/math.md §3.6), so the result is the sums over the union of the ranks' queries.
+    :class:`PendingSums` are resolved first (their collectives run on every rank here).
     """
+    if isinstance(sums, PendingSums):
+        sums = sums.resolve()
     if trainer.world_size == 1:
         return sums
     present = [name for name in _SUM_FIELDS if getattr(sums, name) is not None]

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["check_conditional_setup", "losing_settings", "warn_if_known_to_lose"]
+__all__ = [
+    "check_conditional_setup",
+    "losing_settings",
+    "refresh_never_runs",
+    "warn_if_known_to_lose",
+    "warn_if_refresh_never_runs",
+]
 
 
 def losing_settings(parametrization: object, loss_weighting: object, gamma_floor: float | None) -> list[str]:
@@ -60,3 +66,45 @@ def check_conditional_setup(pl_module: object, estimator: str, init_from_data: b
             "the model estimator can measure lambda (docs/math.md §3.10): use estimator='model' and "
             f"init_from_data=False (got estimator={estimator!r}, init_from_data={init_from_data})"
         )
+
+
+def refresh_never_runs(max_steps: int, warmup_steps: int, estimator: str, init_from_data: bool) -> str | None:
+    """Why a KO setting cannot act within the run, or None when it can.
+
+    Periodic refreshes run at optimizer steps ``warmup_steps, warmup_steps + every_n_steps, ...`` below
+    ``max_steps`` (none at the last step: no training would follow on the new path). So with
+    ``0 < max_steps <= warmup_steps`` none runs. That matters when the run relies on them: without
+    ``init_from_data`` the path stays Cond-OT; with the ``"model"`` / ``"data+model"`` estimator the
+    network's own lambda is never measured. The ``"data"`` estimator with ``init_from_data`` is complete at step 0
+    (later refreshes only refine the same estimate), so it gets no message.
+
+    Args:
+        max_steps: the trainer's ``max_steps`` (``-1``: unbounded, never a problem).
+        warmup_steps: the callback's first periodic refresh step.
+        estimator: the callback's estimator.
+        init_from_data: whether the callback solves KO from the data before the first step.
+
+    Returns:
+        The message, naming the settings to change, or None.
+    """
+    if max_steps <= 0 or warmup_steps < max_steps:
+        return None
+    fix = f"lower warmup_steps below {max_steps} (command line: --ko.warmup_steps {max_steps // 2}) or raise max_steps"
+    if not init_from_data:
+        return (
+            f"warmup_steps={warmup_steps} >= max_steps={max_steps} and init_from_data=False: no KO refresh runs in "
+            f"this fit, so the model trains on its initial path only; {fix}."
+        )
+    if estimator != "data":
+        return (
+            f"warmup_steps={warmup_steps} >= max_steps={max_steps}: the {estimator!r} refresh never runs in this "
+            f"fit; the path stays the one solved from the data at step 0; {fix}."
+        )
+    return None
+
+
+def warn_if_refresh_never_runs(max_steps: int, warmup_steps: int, estimator: str, init_from_data: bool) -> None:
+    """Rank 0 (no collective): a ``UserWarning`` with :func:`refresh_never_runs`'s message, if any."""
+    message = refresh_never_runs(max_steps, warmup_steps, estimator, init_from_data)
+    if message is not None:
+        rank_zero_warn(f"KOScheduleCallback: {message}", category=UserWarning)

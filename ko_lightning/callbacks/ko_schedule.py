@@ -17,8 +17,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from ko_lightning.callbacks.distributed import all_reduce_sums, broadcast_from_rank_zero, compute_on_every_rank
-from ko_lightning.callbacks.ko_advice import check_conditional_setup, warn_if_known_to_lose
+from ko_lightning.callbacks.distributed import (
+    PendingSums,
+    all_reduce_sums,
+    broadcast_from_rank_zero,
+    compute_on_every_rank,
+)
+from ko_lightning.callbacks.ko_advice import (
+    check_conditional_setup,
+    warn_if_known_to_lose,
+    warn_if_refresh_never_runs,
+)
 from ko_lightning.callbacks.ko_data import global_normalization, local_separation_sums, training_data
 from ko_lightning.callbacks.ko_display import publish_refresh
 from ko_lightning.callbacks.ko_state import callback_state, restore_callback_state
@@ -204,6 +213,8 @@ class KOScheduleCallback(L.Callback):
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             rank_zero_warn(_SPAWN_WARNING, category=UserWarning)
         warn_if_known_to_lose(pl_module, self.gamma_floor)
+        if stage == "fit":
+            warn_if_refresh_never_runs(trainer.max_steps, self.warmup_steps, self.estimator, self.init_from_data)
         check_conditional_setup(pl_module, self.estimator, self.init_from_data)
 
     @override
@@ -299,7 +310,7 @@ class KOScheduleCallback(L.Callback):
 
     def local_sums(
         self, pl_module: PathModule, estimator: str, refresh_index: int, rank: int, world_size: int
-    ) -> SeparationSums:
+    ) -> SeparationSums | PendingSums:
         """This rank's partial sums for refresh ``refresh_index`` (deterministic in seed, refresh and rank)."""
         if self._data is None or self.normalization is None:
             raise RuntimeError("KOScheduleCallback has no training data yet (on_train_start has not run)")

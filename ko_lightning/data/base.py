@@ -20,7 +20,7 @@ as the data: batches are then ``(x, y)``, each label with its sample under any s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ko_lightning.data.rows import RowSource
+from ko_lightning.data.splits import moment_normalization, split_indices, split_sizes
 from ko_lightning.seeding import derive_seed
 
 __all__ = [
@@ -126,14 +128,15 @@ class TensorBatchDataset(Dataset[Any]):
     sees the data only), so each label stays with its sample under any sampler, shuffling or sharding.
 
     Args:
-        data: the samples, shape ``(N, ...)``.
+        data: the samples, shape ``(N, ...)``: a tensor, or a row source read per index batch (e.g. images on disk,
+            :mod:`ko_lightning.data.rows`).
         transform: optional batch transform (must be picklable when loader workers are used).
         labels: optional per-sample labels, shape ``(N,)`` (a ``ValueError`` names ``labels`` for another shape).
     """
 
     def __init__(
         self,
-        data: Tensor,
+        data: Tensor | RowSource,
         transform: Callable[[Tensor], Tensor] | IndexedTransform | None = None,
         labels: Tensor | None = None,
     ) -> None:
@@ -321,7 +324,7 @@ class IndexBatchLoader(DataLoader):
 
 
 def make_loader(
-    data: Tensor,
+    data: Tensor | RowSource,
     batch_size: int,
     *,
     shuffle: bool,
@@ -358,73 +361,6 @@ def make_loader(
         persistent_workers=num_workers > 0,
         collate_fn=None if labels is None else tuple,  # keeps (x, y) a tuple: torch's default would make a list
     )
-
-
-def split_indices(num_samples: int, sizes: Sequence[int], seed: int) -> list[Tensor]:
-    """Disjoint random index sets of the given ``sizes`` (the remainder is not returned), seeded by ``seed``.
-
-    Example:
-        >>> a, b = split_indices(10, [3, 7], seed=0)
-        >>> sorted(a.tolist() + b.tolist()) == list(range(10))
-        True
-    """
-    if sum(sizes) > num_samples or any(s < 0 for s in sizes):
-        raise ValueError(f"cannot split {num_samples} samples into sizes {list(sizes)}")
-    generator = torch.Generator().manual_seed(derive_seed(seed, 0x5EED))
-    order = torch.randperm(num_samples, generator=generator)
-    out, start = [], 0
-    for size in sizes:
-        out.append(order[start : start + size])
-        start += size
-    return out
-
-
-def split_sizes(num_samples: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
-    """``(n_train, n_val, n_test)`` with ``n_val = round(val_fraction * N)`` and likewise for test.
-
-    Raises:
-        ValueError: naming ``val_fraction``/``test_fraction`` if a fraction is outside ``[0, 1)`` or nothing is left
-            for training.
-    """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    n_val = int(round(val_fraction * num_samples))
-    n_test = int(round(test_fraction * num_samples))
-    n_train = num_samples - n_val - n_test
-    if n_train <= 0:
-        raise ValueError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no training samples out of "
-            f"{num_samples}"
-        )
-    return n_train, n_val, n_test
-
-
-def moment_normalization(data: Tensor) -> tuple[Tensor, Tensor]:
-    """Statistics of the normalization of docs/math.md §2: a per-feature mean and one global scale.
-
-    ``mean = E[x]`` (per feature, shape ``data.shape[1:]``) and ``scale = sqrt(E||x - mean||^2 / d)`` (a 0-d
-    tensor), so that ``(x - mean) / scale`` has mean 0 and per-dimension second moment ``E||x||^2 / d = 1``.
-    Computed in float64 and returned in float32.
-
-    Args:
-        data: samples, shape ``(N, ...)``.
-
-    Example:
-        >>> x = torch.randn(1000, 3) * 5 + 2
-        >>> mean, scale = moment_normalization(x)
-        >>> y = (x - mean) / scale
-        >>> bool(abs(y.pow(2).mean() - 1) < 1e-5)
-        True
-    """
-    if data.ndim < 2 or data.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples of shape (N, ...), got shape {tuple(data.shape)}")
-    x = data.double()
-    mean = x.mean(dim=0)
-    scale = (x - mean).pow(2).mean().sqrt()
-    if not bool(scale > 0):
-        raise ValueError("the data are constant: cannot normalize to unit second moment")
-    return mean.float(), scale.float()
 
 
 class SplitTensorDataModule(L.LightningDataModule):
@@ -470,8 +406,9 @@ class SplitTensorDataModule(L.LightningDataModule):
         self.labels = bool(labels)
         self._labels: dict[str, Tensor] = {}
 
-    def _split(self, split: str) -> Tensor:
-        """The tensor that the loaders of ``split`` (``"train"``, ``"val"`` or ``"test"``) draw from."""
+    def _split(self, split: str) -> Tensor | RowSource:
+        """The tensor (or row source read per batch) the loaders of ``split`` (``"train"``, ``"val"``, ``"test"``) draw
+        from."""
         raise NotImplementedError(f"{type(self).__name__} must implement _split(split)")
 
     def _split_labels(self, split: str) -> Tensor | None:
@@ -582,11 +519,20 @@ class NormalizedSplitDataModule(SplitTensorDataModule):
         mean, scale = self._stats()
         return x * scale.to(x.device, x.dtype) + mean.to(x.device, x.dtype)
 
-    def train_tensor(self, n: int | None = None) -> Tensor:
-        """The normalized training set as one tensor ``(N_train, *data_shape)``, or its first ``n`` samples (a
-        random subset, since the split is in random order). The input of the KO separation estimator."""
+    def train_tensor(self, n: int | None = None, start: int = 0) -> Tensor:
+        """The normalized training set as one tensor ``(N_train, *data_shape)``, or its samples ``[start, start + n)``
+        (a random subset, since the split is in random order; a view). The input of the KO separation estimator."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         data = self._split("train")
-        return data if n is None else data[:n]
+        if n is None:
+            return data if start == 0 else data[start:]  # the stored tensor itself when whole
+        return data[start : start + n]
+
+    @property
+    def train_size(self) -> int:
+        """The number of training samples (runs ``setup`` if needed)."""
+        return int(self._split("train").shape[0])
 
     def val_tensor(self) -> Tensor:
         """The normalized validation set, shape ``(N_val, *data_shape)``."""

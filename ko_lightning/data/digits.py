@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ko_lightning.data.base import NormalizedSplitDataModule, moment_normalization, split_indices, split_sizes
+from ko_lightning.likelihood.pixels import DIGITS_LEVELS, PixelMap
 
 __all__ = ["DigitsDataModule"]
 
@@ -105,6 +106,21 @@ class DigitsDataModule(NormalizedSplitDataModule):
         """
         out = super().denormalize(x)
         return out.clamp(0.0, _MAX_PIXEL) if clamp else out
+
+    def raw_tensor(self, split: str = "train") -> Tensor:
+        """A split's pixels in the data's own units: uint8 values ``0..16``, shape ``(N, *data_shape)``, row ``i``
+        the image of row ``i`` of the split's normalized tensor (the input of ``model.bpd``)."""
+        self.setup()
+        if split not in self.indices:
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        raw, _ = _load_digits()
+        return raw[self.indices[split]].reshape(-1, *self.data_shape).to(torch.uint8)
+
+    def pixel_map(self) -> PixelMap:
+        """The map from pixels (17 levels, ``0..16``) to model space, ``y = (pixel + w - mean) / scale`` with the
+        train split's statistics: what ``model.bpd`` dequantizes with (docs/math.md §8)."""
+        mean, scale = self._stats()  # sets up on first use
+        return PixelMap.from_normalization(mean, scale, DIGITS_LEVELS)
 
     def to_display(self, x: Tensor) -> Tensor:
         """Normalized samples -> images in ``[0, 1]`` of shape ``(B, 1, 8, 8)`` (0 = background), for plotting."""

@@ -2,13 +2,14 @@
 
 Typical inputs are CIFAR-10 (``(50000, 32, 32, 3)`` uint8), ImageNet-32/64 (the downsampled-ImageNet ``.npz``
 files store flattened ``(N, 3 * s * s)`` CHW rows under the key ``data``) or a folder of PNG/JPEG files. Nothing is
-ever downloaded. The whole set is held in memory as uint8 (``N * C * H * W`` bytes). Class labels, when asked for,
-come from the ``.npz`` file or from class sub-folders (:mod:`ko_lightning.data.labels`).
+ever downloaded. :class:`ImageDataModule` does not hold the set in memory: a uint8 ``.npy`` file is read in place by
+rows, a large ``.npz`` member converted once to a ``.npy`` beside it, and folder images are decoded per batch, so a
+process reads only the rows of its own batches (docs/scale.md §1). Class labels, when asked for, come from the
+``.npz`` file or from class sub-folders (:mod:`ko_lightning.data.labels`).
 """
 
 from __future__ import annotations
 
-import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,6 +20,9 @@ from torch import Tensor
 
 from ko_lightning.data.base import IndexedTransform, SplitTensorDataModule, derive_seed, split_indices, split_sizes
 from ko_lightning.data.labels import check_label_range, folder_class_labels, load_array_labels, pick_npz_key
+from ko_lightning.data.npz_convert import npz_member_as_npy
+from ko_lightning.data.rows import ArrayRows, FolderRows, RowSource, SplitRows, resize_nchw, to_nchw
+from ko_lightning.likelihood.pixels import PixelMap
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -28,6 +32,7 @@ __all__ = [
     "load_image_array",
     "load_images",
     "load_labelled_images",
+    "open_image_rows",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -35,19 +40,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 NPZ_KEYS: tuple[str, ...] = ("x", "images", "arr_0", "data")
 """Keys tried, in order, when an ``.npz`` file is read without ``npz_key``."""
-
-
-def _resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
-    """Centre-crop an ``(H, W)`` or ``(H, W, C)`` uint8 image to a square and resize it to ``image_size`` (Lanczos)."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    if (h, w) == (image_size, image_size):
-        return image
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    pil = Image.fromarray(image[top : top + side, left : left + side])
-    return np.asarray(pil.resize((image_size, image_size), Image.Resampling.LANCZOS))
 
 
 def _unreadable_image(file: Path, err: BaseException) -> ValueError:
@@ -92,37 +84,8 @@ def _image_files(root: Path) -> list[Path]:
 
 def _read_image_files(root: Path, files: list[Path], image_size: int | None) -> Tensor:
     """Decode ``files`` (found under ``root``) into one uint8 ``(N, C, H, W)`` tensor, as :func:`load_image_folder`."""
-    from PIL import Image
-
-    modes = set()
-    for f in files:
-        try:
-            with Image.open(f) as im:  # lazy: reads the header only
-                modes.add(im.mode)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for bad headers
-            raise _unreadable_image(f, err) from err
-    mode = "L" if modes <= {"L"} else "RGB"
-    images: list[np.ndarray] = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                arr = np.asarray(im.convert(mode))  # decodes the whole file: a truncated one fails here
-        except (OSError, ValueError, SyntaxError) as err:
-            raise _unreadable_image(f, err) from err
-        if image_size is not None:
-            arr = _resize_uint8(arr, image_size)
-        elif images and arr.shape != images[0].shape:
-            raise ValueError(
-                f"images under {str(root)!r} differ in size ({images[0].shape[:2]} vs {arr.shape[:2]} for {f.name}); "
-                "pass image_size to crop and resize them"
-            )
-        images.append(arr)
-    stacked = np.stack(images)  # (N, H, W) or (N, H, W, 3)
-    if stacked.ndim == 3:
-        stacked = stacked[:, None]
-    else:
-        stacked = stacked.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(stacked))
+    rows = FolderRows(root, files, image_size, _unreadable_image)
+    return rows[torch.arange(len(rows))]
 
 
 def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
@@ -140,30 +103,6 @@ def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
         f"{source}: expected uint8 pixel values in [0, 255], got dtype {array.dtype} (values in [{lo:g}, {hi:g}]); "
         "store the raw 8-bit pixels (e.g. (x * 255).round().astype(np.uint8) for data in [0, 1])"
     )
-
-
-def _to_nchw(array: np.ndarray, source: str) -> np.ndarray:
-    """Bring a 2D (flattened CHW rows), 3D (N, H, W) or 4D (NHWC or NCHW) array to NCHW."""
-    if array.ndim == 2:
-        n, dim = array.shape
-        for channels in (3, 1):
-            side = math.isqrt(dim // channels)
-            if channels * side * side == dim:
-                return array.reshape(n, channels, side, side)
-        raise ValueError(f"{source}: cannot read rows of length {dim} as square C x s x s images (C = 1 or 3)")
-    if array.ndim == 3:
-        return array[:, None]
-    if array.ndim == 4:
-        _, a, b, c = array.shape
-        nhwc, nchw = c in (1, 3), a in (1, 3)
-        if nhwc and (a == b or not nchw):
-            return array.transpose(0, 3, 1, 2)
-        if nchw:
-            return array
-        raise ValueError(
-            f"{source}: cannot tell the channel axis of shape {array.shape}; expected NHWC or NCHW with 1 or 3 channels"
-        )
-    raise ValueError(f"{source}: expected an array of 2 to 4 dimensions (N, ...), got shape {array.shape}")
 
 
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -223,13 +162,53 @@ def load_image_array(path: str | Path, image_size: int | None = None, npz_key: s
                 except _READ_ERRORS as err:
                     raise _unreadable_array(f"{source}[{key!r}]", err) from err
                 source = f"{source}[{key!r}]"
-    array = _to_nchw(_to_uint8(array, source), source)
-    if image_size is not None and array.shape[2:] != (image_size, image_size):
-        hwc = array.transpose(0, 2, 3, 1)
-        resized = [_resize_uint8(im[..., 0] if im.shape[-1] == 1 else im, image_size) for im in hwc]
-        array = np.stack(resized)
-        array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+    array = to_nchw(_to_uint8(array, source), source)
+    if image_size is not None:
+        array = resize_nchw(array, image_size)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def open_image_rows(path: str | Path, image_size: int | None = None, npz_key: str | None = None) -> RowSource:
+    """The images of a folder or array file as a row source, read per index batch (docs/scale.md §1).
+
+    A C-ordered uint8 ``.npy`` file is read in place by rows (:class:`~ko_lightning.data.rows.ArrayRows`); a large
+    uint8 ``.npz`` member is converted once to a ``.npy`` file beside the archive
+    (:func:`~ko_lightning.data.npz_convert.npz_member_as_npy`) and read likewise; the images of a folder are decoded
+    when their rows are read. Anything else (small or non-uint8 arrays, an unwritable folder) is read
+    into memory by :func:`load_image_array`. ``rows[index]`` equals ``load_images(...)[index]`` in every case.
+
+    Raises:
+        FileNotFoundError, ValueError: those of :func:`load_images` (a truncated image file only when it is read).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image data path not found: {str(p)!r}")
+    if p.is_dir():
+        return FolderRows(p, _image_files(p), image_size, _unreadable_image)
+    mapped = _mappable_npy(p, npz_key)
+    if mapped is not None:
+        return ArrayRows(path=mapped[0], source=mapped[1], image_size=image_size)
+    return ArrayRows(array=load_image_array(p, image_size, npz_key).numpy(), source=str(p))
+
+
+def _mappable_npy(file: Path, npz_key: str | None) -> tuple[Path, str] | None:
+    """``(npy file, name for messages)`` holding the uint8 images of ``file`` to read by rows, or None."""
+    source = str(file)
+    try:
+        opened = np.load(file, mmap_mode="r", allow_pickle=False)  # reads the header (or the zip directory) only
+    except _READ_ERRORS as err:
+        raise _unreadable_array(source, err) from err
+    if isinstance(opened, np.lib.npyio.NpzFile):
+        with opened:
+            missing = "{source!r} has none of the keys {defaults}; its keys are {keys}: pass npz_key"
+            key = pick_npz_key(list(opened.keys()), npz_key, "npz_key", NPZ_KEYS, source, missing)
+        try:
+            converted = npz_member_as_npy(file, key)
+        except _READ_ERRORS as err:
+            raise _unreadable_array(f"{source}[{key!r}]", err) from err
+        return None if converted is None else (converted, f"{source}[{key!r}]")
+    by_rows = opened.dtype == np.uint8 and opened.flags.c_contiguous and 2 <= opened.ndim <= 4
+    return (file, source) if by_rows else None
 
 
 def load_images(path: str | Path, image_size: int | None = None, npz_key: str | None = None) -> Tensor:
@@ -274,6 +253,23 @@ def load_labelled_images(
         return _read_image_files(p, files, image_size), labels, names
     images = load_image_array(p, image_size, npz_key)
     return images, load_array_labels(p, images.shape[0], labels_key), None
+
+
+def _open_labelled(
+    path: str, image_size: int | None, npz_key: str | None, labels_key: str | None, class_names: tuple[str, ...] | None
+) -> tuple[RowSource, Tensor, tuple[str, ...] | None]:
+    """:func:`load_labelled_images` with the images as a row source (:func:`open_image_rows`)."""
+    p = Path(path)
+    if p.is_dir():
+        files = _image_files(p)
+        labels, names = folder_class_labels(p, files, class_names)
+        return FolderRows(p, files, image_size, _unreadable_image), labels, names
+    rows = open_image_rows(p, image_size, npz_key)
+    return rows, load_array_labels(p, rows.shape[0], labels_key), None
+
+
+_CHUNK_ROWS = 4096
+"""Rows converted to float at a time by :meth:`ImageDataModule.train_tensor`."""
 
 
 def _index_generator(seed: int, index: Tensor) -> torch.Generator:
@@ -330,7 +326,8 @@ class ImageDataModule(SplitTensorDataModule):
         val_fraction: fraction of ``path`` held out for validation (0: no validation loader).
         image_size: optional side length; images are centre-cropped to a square and resized (Lanczos).
         seed: seed of the split and of the shuffling.
-        num_workers: loader worker processes (0 is fine: a batch is one slice of an in-memory tensor).
+        num_workers: loader worker processes (0 reads in the main process; use workers for image folders, whose
+            batches are decoded from their files, and for slow disks).
         random_flip: flip training images horizontally with probability 1/2.
         npz_key: key of the array in an ``.npz`` file (default: the first of ``x``, ``images``, ``arr_0``, ``data``).
         test_path: optional folder or array file of the test set (read like ``path``).
@@ -390,45 +387,49 @@ class ImageDataModule(SplitTensorDataModule):
         self.test_path = None if test_path is None else str(test_path)
         self.labels_key = labels_key
         self.indices: dict[str, Tensor] = {}
-        self._raw: dict[str, Tensor] = {}
+        self._rows: dict[str, SplitRows] = {}  # split name -> index set into the images on disk
         self._class_names: tuple[str, ...] | None = None
         self._num_classes: int | None = None
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
-        """Read and split the data (once; later calls do nothing). The test set is read when first needed."""
-        if "train" in self._raw:
+        """Open and split the data (once; later calls do nothing). The test set is opened when first needed.
+
+        Nothing is copied: the images stay on disk (read by rows, or decoded per batch for a folder) and a split is
+        an index set into them (docs/scale.md §1)."""
+        if "train" in self._rows:
             return
         labels: Tensor | None = None
         if self.labels:
-            raw, labels, names = load_labelled_images(self.path, self.image_size, self.npz_key, self.labels_key)
+            rows, labels, names = _open_labelled(self.path, self.image_size, self.npz_key, self.labels_key, None)
             self._class_names = names
             largest = int(labels.max()) if labels.numel() else -1
             self._num_classes = len(names) if names is not None else largest + 1
         else:
-            raw = load_images(self.path, self.image_size, self.npz_key)
-        n_train, n_val, _ = split_sizes(raw.shape[0], self.val_fraction)
+            rows = open_image_rows(self.path, self.image_size, self.npz_key)
+        n_train, n_val, _ = split_sizes(rows.shape[0], self.val_fraction)
         if self.batch_size > n_train:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n_train} training images")
-        train_idx, val_idx = split_indices(raw.shape[0], [n_train, n_val], self.seed)
+        train_idx, val_idx = split_indices(rows.shape[0], [n_train, n_val], self.seed)
         self.indices = {"train": train_idx, "val": val_idx}
         if labels is not None:
             self._labels = {"train": labels[train_idx], "val": labels[val_idx]}
-        self._raw["train"], self._raw["val"] = raw[train_idx], raw[val_idx]
+        self._rows["train"], self._rows["val"] = SplitRows(rows, train_idx), SplitRows(rows, val_idx)
 
-    def raw_tensor(self, split: str = "train") -> Tensor:
-        """The uint8 pixels of a split (``"train"``, ``"val"`` or ``"test"``), shape ``(N, C, H, W)``."""
+    def split_rows(self, split: str = "train") -> SplitRows:
+        """The images of a split (``"train"``, ``"val"`` or ``"test"``) as rows read on demand:
+        ``split_rows(s)[index]`` is ``raw_tensor(s)[index]`` without reading the other images."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.setup()
-        if split == "test" and "test" not in self._raw:
+        if split == "test" and "test" not in self._rows:
             if self.test_path is None:
                 raise ValueError("no test set: pass test_path to ImageDataModule")
             test_labels = None
             if self.labels:
                 test, test_labels = self._read_test_labelled(self.test_path)
             else:
-                test = load_images(self.test_path, self.image_size, self.npz_key)
+                test = open_image_rows(self.test_path, self.image_size, self.npz_key)
             if tuple(test.shape[1:]) != self.data_shape:
                 raise ValueError(
                     f"test_path images have shape {tuple(test.shape[1:])}, the training images {self.data_shape}; "
@@ -436,19 +437,22 @@ class ImageDataModule(SplitTensorDataModule):
                 )
             if test_labels is not None:
                 self._labels["test"] = test_labels
-            self._raw["test"] = test
-        return self._raw[split]
+            self._rows["test"] = SplitRows(test, torch.arange(test.shape[0]))
+        return self._rows[split]
 
-    def _read_test_labelled(self, test_path: str) -> tuple[Tensor, Tensor]:
+    def raw_tensor(self, split: str = "train") -> Tensor:
+        """The uint8 pixels of a split (``"train"``, ``"val"`` or ``"test"``), shape ``(N, C, H, W)``: read into
+        memory at every call, for small data (the loaders and :meth:`train_tensor` read only the rows they need)."""
+        return self.split_rows(split).read()
+
+    def _read_test_labelled(self, test_path: str) -> tuple[RowSource, Tensor]:
         """The images and labels of ``test_path``, indexed like the training classes."""
         if Path(test_path).is_dir() and self._class_names is None:
             raise ValueError(
                 f"test_path {test_path!r} is a folder of class folders, but the training labels of {self.path!r} "
                 "are integers without class names: give the test set as an .npz file with labels"
             )
-        test, labels, _ = load_labelled_images(
-            test_path, self.image_size, self.npz_key, self.labels_key, self._class_names
-        )
+        test, labels, _ = _open_labelled(test_path, self.image_size, self.npz_key, self.labels_key, self._class_names)
         assert self._num_classes is not None
         check_label_range(labels, self._num_classes, f"test_path {test_path!r}")
         return test, labels
@@ -473,7 +477,7 @@ class ImageDataModule(SplitTensorDataModule):
     def data_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image (reads the data if needed)."""
         self.setup()
-        c, h, w = self._raw["train"].shape[1:]
+        c, h, w = self._rows["train"].shape[1:]
         return (int(c), int(h), int(w))
 
     @staticmethod
@@ -496,15 +500,39 @@ class ImageDataModule(SplitTensorDataModule):
         """Model space -> images in ``[0, 1]`` for plotting."""
         return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def train_tensor(self, n: int | None = None) -> Tensor:
-        """The training set in model space, float ``(N, C, H, W)``, or its first ``n`` images (a random subset,
-        since the split is in random order): the input of the KO separation estimator."""
-        raw = self.raw_tensor("train")
-        return self.normalize(raw if n is None else raw[:n])
+    @staticmethod
+    def pixel_map() -> PixelMap:
+        """The map from 8-bit pixels to model space that :meth:`normalize` applies, ``y = (pixel + w - 127.5) /
+        127.5``: what ``model.bpd`` dequantizes with (docs/math.md §8)."""
+        return PixelMap(offset=127.5, scale=127.5, levels=256)
+
+    def train_tensor(self, n: int | None = None, start: int = 0) -> Tensor:
+        """The training set in model space, float ``(N, C, H, W)``, or its rows ``[start, start + n)`` (a random
+        subset, since the split is in random order): the input of the KO separation estimator.
+
+        Only those rows are read, and converted to float chunk by chunk into the output (peak memory: the float
+        output, ``4 n C H W`` bytes, plus one chunk), never the whole set (docs/scale.md §1).
+        """
+        rows = self.split_rows("train")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        stop = rows.shape[0] if n is None else min(start + n, rows.shape[0])
+        start = min(start, stop)
+        out = torch.empty((stop - start, *rows.shape[1:]), dtype=torch.float32)
+        for a in range(start, stop, _CHUNK_ROWS):
+            b = min(a + _CHUNK_ROWS, stop)
+            chunk = out[a - start : b - start]  # normalized in place: u / 127.5 - 1, as normalize(u), no temporaries
+            chunk.copy_(rows.read(a, b)).div_(127.5).sub_(1.0)
+        return out
+
+    @property
+    def train_size(self) -> int:
+        """The number of training images (opens the data if needed)."""
+        return self.split_rows("train").shape[0]
 
     # --------------------------------------------------------------- loaders
-    def _split(self, split: str) -> Tensor:
-        return self.raw_tensor(split)  # uint8: the loaders map each batch to [-1, 1]
+    def _split(self, split: str) -> SplitRows:
+        return self.split_rows(split)  # uint8 rows read per batch: the loaders map each batch to [-1, 1]
 
     def _batch_transform(self, train: bool) -> _ToSignedUnit:
         return _ToSignedUnit(self.random_flip and train, seed=derive_seed(self.seed, 4))

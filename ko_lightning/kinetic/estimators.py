@@ -11,12 +11,12 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from ko_lightning.kinetic.collectives import Reduce, SingleProcess, raise_together
 from ko_lightning.kinetic.conditional import (
     ConditionalX1Predictor,
     accepts_cond,
@@ -24,18 +24,17 @@ from ko_lightning.kinetic.conditional import (
     check_labels,
     class_groups,
 )
+from ko_lightning.kinetic.data_kernel import mean_sq_norm, query_sums
 from ko_lightning.kinetic.normalization import DataNormalization
-from ko_lightning.kinetic.posterior import (
-    accumulate_weighted,
-    data_chunk_fp32,
-    exp_clamped_,
-    online_softmax_update,
-)
+from ko_lightning.kinetic.posterior import data_chunk_fp32
 from ko_lightning.kinetic.separation import SeparationFunction, check_theta_grid, default_theta_grid
+from ko_lightning.kinetic.sharded import sharded_separation_sums
+from ko_lightning.kinetic.sums import SeparationSums
 from ko_lightning.paths.base import GaussianPath
 
 __all__ = [
     "SeparationSums",
+    "draw_queries",
     "estimate_separation_from_data",
     "estimate_separation_from_model",
     "separation_sums_from_data",
@@ -44,155 +43,6 @@ __all__ = [
 ]
 
 X1Predictor = Callable[[Tensor, Tensor], Tensor]
-
-
-_CV1_FIELDS = ("cv_sum", "cv_sq", "cv_cross")
-_CV2_FIELDS = ("cv2_sum", "cv2_sq", "cv2_cross", "cv12")
-#: Two control variates whose sample correlation is this close to +-1 (``det Cov(D) <= tol var(D1) var(D2)``) are
-#: treated as collinear: the regression falls back to the better single one.
-_COLLINEAR_TOL = 1e-8
-
-
-@dataclass(frozen=True)
-class SeparationSums:
-    """Additive partial sums of a separation-function estimate.
-
-    Per grid point ``k`` and query ``j`` the estimators record the MSE form ``A = ||y - y_hat||^2 / d``
-    (docs/math.md §3: low variance where ``lambda ~ 1``). The data estimator, whose ``y_hat = E[y | x_t]`` is
-    exact, also records two control variates of exactly known mean 0:
-
-    - ``D1 = A - B - (m2 - 1)`` with ``B = 1 - ||y_hat||^2 / d`` (``E[A] - E[B] = m2 - 1``, 0 under the data's own
-      normalization; ``B`` has low variance where ``lambda ~ 0``);
-    - ``D2 = L - E[L]`` with ``L = ||y - sin(theta) x_t||^2 / d = ||cos^2(theta) y - sin(theta) cos(theta) eps||^2
-      / d``, the residual of the linear (Gaussian) posterior mean, for ``x_t = sin(theta) y + cos(theta) eps``.
-      ``E[L] = cos^4(theta) m2 + sin^2(theta) cos^2(theta)`` with ``m2 = E||y||^2 / d`` over the data set the
-      queries are drawn from (``1`` when the normalization is that set's own). ``A ~ L`` for nearly Gaussian
-      data, where ``D1`` alone removes little of ``A``'s variance.
-
-    The estimate is the minimum-variance (least-squares) combination
-
-        ``1 - lambda = mean(A) - b^T mean(D)``,  ``b = Cov(D)^{-1} Cov(D, A)``,
-
-    per grid point over the control variates present (``b`` from the same samples: bias ``O(1/count)``; a
-    singular / collinear ``Cov(D)`` falls back to the better single control variate). All fields are sums, so
-    partial sums from disjoint query sets (other processes, other seeds) add with ``+`` (or
-    ``torch.distributed.all_reduce`` of each tensor) before dividing; every field other than ``theta`` is a
-    ``(G,)`` tensor or ``None``.
-
-    Attributes:
-        theta: the grid, ``(G,)`` float64.
-        sq_error: ``sum_j A`` per grid point (float64).
-        count: number of queries per grid point (float64).
-        sq_error_sq: ``sum_j A^2`` (for :attr:`standard_error`).
-        cv_sum: ``sum_j D1``, or ``None`` (model estimator: no control variate).
-        cv_sq: ``sum_j D1^2``, or ``None``.
-        cv_cross: ``sum_j A D1``, or ``None``.
-        cv2_sum: ``sum_j D2``, or ``None`` (then only ``D1`` is used). Requires the ``D1`` fields.
-        cv2_sq: ``sum_j D2^2``, or ``None``.
-        cv2_cross: ``sum_j A D2``, or ``None``.
-        cv12: ``sum_j D1 D2``, or ``None``.
-    """
-
-    theta: Tensor
-    sq_error: Tensor
-    count: Tensor
-    sq_error_sq: Tensor
-    cv_sum: Tensor | None = None
-    cv_sq: Tensor | None = None
-    cv_cross: Tensor | None = None
-    cv2_sum: Tensor | None = None
-    cv2_sq: Tensor | None = None
-    cv2_cross: Tensor | None = None
-    cv12: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("sq_error", "count", "sq_error_sq", *_CV1_FIELDS, *_CV2_FIELDS):
-            value = getattr(self, name)
-            if value is not None and value.shape != self.theta.shape:
-                raise ValueError(f"{name} must have theta's shape {tuple(self.theta.shape)}, got {tuple(value.shape)}")
-        if len({getattr(self, n) is None for n in _CV1_FIELDS}) != 1:
-            raise ValueError("cv_sum, cv_sq and cv_cross must be given together")
-        if len({getattr(self, n) is None for n in _CV2_FIELDS}) != 1:
-            raise ValueError("cv2_sum, cv2_sq, cv2_cross and cv12 must be given together")
-        if self.cv2_sum is not None and self.cv_sum is None:
-            raise ValueError("cv2_sum, cv2_sq, cv2_cross and cv12 need cv_sum, cv_sq and cv_cross")
-
-    def __add__(self, other: SeparationSums) -> SeparationSums:
-        if not isinstance(other, SeparationSums):
-            return NotImplemented
-        if other.theta.shape != self.theta.shape or not torch.allclose(other.theta.to(self.theta), self.theta):
-            raise ValueError("other must be on the same theta grid")
-
-        def add(name: str) -> Tensor | None:
-            a, b = getattr(self, name), getattr(other, name)
-            return None if a is None or b is None else a + b.to(a)
-
-        # A control-variate group survives only if both operands carry it (D2 needs D1).
-        kept = {name: add(name) for name in ("sq_error", "count", "sq_error_sq", *_CV1_FIELDS)}
-        if kept["cv_sum"] is not None:
-            kept.update({name: add(name) for name in _CV2_FIELDS})
-        return SeparationSums(self.theta, **kept)  # type: ignore[arg-type]  # the required fields are never None
-
-    def _moments(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``mean(A)``, the correction ``b^T mean(D)`` and the per-sample variance of ``A - b^T D``."""
-        n = self.count
-        mean_a = self.sq_error / n
-        var_a = (self.sq_error_sq / n - mean_a**2).clamp_min(0.0)
-        zero = torch.zeros_like(mean_a)
-        if self.cv_sum is None or self.cv_sq is None or self.cv_cross is None:
-            return mean_a, zero, var_a
-        tiny = 1e-300
-
-        def single(s: Tensor, sq: Tensor, cross: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            mean_d = s / n
-            var_d = (sq / n - mean_d**2).clamp_min(0.0)
-            cov = cross / n - mean_a * mean_d
-            ok = var_d > tiny
-            beta = torch.where(ok, cov / var_d.clamp_min(tiny), zero)
-            return mean_d, var_d, cov, beta
-
-        m1, v1, c1, beta1 = single(self.cv_sum, self.cv_sq, self.cv_cross)
-        red1 = beta1 * c1  # variance removed by D1 alone: cov^2 / var
-        if self.cv2_sum is None or self.cv2_sq is None or self.cv2_cross is None or self.cv12 is None:
-            return mean_a, beta1 * m1, (var_a - red1).clamp_min(0.0)
-        m2, v2, c2, beta2 = single(self.cv2_sum, self.cv2_sq, self.cv2_cross)
-        red2 = beta2 * c2
-        c12 = self.cv12 / n - m1 * m2
-        det = v1 * v2 - c12**2
-        ok = (v1 > tiny) & (v2 > tiny) & (det > _COLLINEAR_TOL * v1 * v2)
-        safe_det = torch.where(ok, det, torch.ones_like(det))
-        b1 = torch.where(ok, (v2 * c1 - c12 * c2) / safe_det, torch.where(red1 >= red2, beta1, zero))
-        b2 = torch.where(ok, (v1 * c2 - c12 * c1) / safe_det, torch.where(red1 >= red2, zero, beta2))
-        # Residual variance of A - b1 D1 - b2 D2 with the least-squares b: var(A) - b . Cov(D, A).
-        return mean_a, b1 * m1 + b2 * m2, (var_a - b1 * c1 - b2 * c2).clamp_min(0.0)
-
-    @property
-    def lam(self) -> Tensor:
-        """Raw estimate of ``lambda`` (not projected; Monte-Carlo noise may take it slightly out of ``[0, 1]``)."""
-        mean_a, correction, _ = self._moments()
-        return 1.0 - (mean_a - correction)
-
-    @property
-    def standard_error(self) -> Tensor:
-        """Monte-Carlo standard error of :attr:`lam` per grid point, ``sqrt(var(A - b^T D) / count)``.
-
-        Treats the queries as independent (they are, within a grid point).
-        """
-        return torch.sqrt(self._moments()[2] / self.count)
-
-    def to_function(self, smoothing: float = 0.0, zero_at_origin: bool = True) -> SeparationFunction:
-        """The :class:`SeparationFunction` of these sums: :attr:`lam` clipped to ``[0, 1]``, ``counts = count``.
-
-        ``zero_at_origin`` is passed on: ``False`` for a conditional ``lambda_cond``, whose value at ``s = 0`` is
-        the between-class share of the second moment, not 0 (docs/math.md §3.10).
-
-        Raises:
-            ValueError: if some grid point has no queries.
-        """
-        if not bool((self.count > 0).all()):
-            raise ValueError("every grid point needs count > 0 before dividing")
-        lam = self.lam.clamp(0.0, 1.0).cpu()
-        return SeparationFunction(self.theta.cpu(), lam, self.count.cpu(), smoothing, zero_at_origin)
 
 
 def _default_generator(generator: torch.Generator | None) -> torch.Generator:
@@ -215,6 +65,7 @@ def separation_sums_from_queries(
     data_chunk: int = 2048,
     device: torch.device | str | None = None,
     labels: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> SeparationSums:
     """Partial sums of ``1 - lambda`` for given queries: the deterministic kernel behind the data estimator.
 
@@ -254,7 +105,13 @@ def separation_sums_from_queries(
             all of ``data``'s statistics), and the classes are computed one after the other, each as above on its
             own points (``m2`` then is the class's, which keeps ``D1`` and ``D2`` of mean 0 per class); their
             sums are added.
+        dtype: compute dtype, ``torch.float32`` (default, fast) or ``torch.float64`` (exact comparisons).
+
+    The kernel itself is :func:`ko_lightning.kinetic.data_kernel.query_sums`; its data-parallel twin, with the
+    data split across ranks, is :func:`ko_lightning.kinetic.sharded.sharded_separation_sums` (docs/scale.md §2).
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     norm = DataNormalization.from_data(data) if normalization is None else normalization
     theta64 = check_theta_grid(theta, "theta")
     query_chunk = _check_positive_int(query_chunk, "query_chunk")
@@ -282,108 +139,32 @@ def separation_sums_from_queries(
                 query_chunk,
                 data_chunk,
                 device,
+                dtype=dtype,
             )
             for rows, local, pos in class_groups(check_labels(labels, n), query_index)
         ]
         return functools.reduce(operator.add, parts)
     dev = torch.device(device) if device is not None else data.device
     flat = data.reshape(n, d)
-    yq_all = norm.normalize(flat[query_index.to(data.device)].reshape(n_q, *data.shape[1:])).reshape(n_q, d)
-    yq_all = yq_all.to(dev)
-    eps_all = noise.reshape(n_q, d).to(device=dev, dtype=torch.float32)
-
-    n_theta = theta64.numel()
-    snr = torch.tan(theta64)
-    per_block = max(1, query_chunk // n_theta)  # queries per block
-    theta_block = max(1, min(n_theta, query_chunk // per_block))  # angles per block
-    # Work buffers reused across blocks (fresh large CPU allocations per chunk cost page faults).
-    c_max = min(data_chunk, n)
-    grams_buf = torch.empty(2 * per_block * c_max, device=dev)
-    logits_buf = torch.empty(theta_block * per_block * c_max, device=dev)
-    y_buf = torch.empty(c_max * d, device=dev)
-    sums = [torch.zeros(n_theta, dtype=torch.float64) for _ in range(10)]
-    sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross, cv2_sum, cv2_sq, cv2_cross, cv12 = sums
-    # Second control variate D2 = L - E[L] (SeparationSums), L = ||cos^2 y - sin cos eps||^2 / d
-    #   = cos^4 ||y||^2/d - 2 sin cos^3 y.eps/d + sin^2 cos^2 ||eps||^2/d,  E[L] = cos^4 m2 + sin^2 cos^2,
-    # with m2 = mean ||y||^2 / d over the data set (queries uniform over it); split into per-query zero-mean parts.
-    m2 = _mean_sq_norm(flat, norm, dev, data_chunk, y_buf)
-    lin_y, lin_cross, lin_eps = (torch.empty(n_q, dtype=torch.float64, device=dev) for _ in range(3))
-    for r0 in range(0, n_q, 1024):  # float64 in row chunks (no Q x d float64 copy)
-        yq64, eps64 = yq_all[r0 : r0 + 1024].double(), eps_all[r0 : r0 + 1024].double()
-        lin_y[r0 : r0 + 1024] = (yq64 * yq64).sum(1) / d - m2  # mean 0 over a uniform query point
-        lin_cross[r0 : r0 + 1024] = (yq64 * eps64).sum(1) / d  # mean 0: eps independent of y
-        lin_eps[r0 : r0 + 1024] = (eps64 * eps64).sum(1) / d - 1.0  # mean 0
-    cos_t, sin_t = torch.cos(theta64).to(dev), torch.sin(theta64).to(dev)
-    lin_coeffs = torch.stack([cos_t**4, -2.0 * sin_t * cos_t**3, sin_t**2 * cos_t**2], 1)  # (G, 3) float64
-    lin_parts = torch.stack([lin_y, lin_cross, lin_eps], 0)  # (3, Q) float64
-    for g0 in range(0, n_theta, theta_block):
-        s_g = snr[g0 : g0 + theta_block]
-        n_g = s_g.numel()
-        coeffs = torch.stack([s_g**2, s_g], 1).to(device=dev, dtype=torch.float32)  # (n_g, 2)
-        for q0 in range(0, n_q, per_block):
-            yq, eps = yq_all[q0 : q0 + per_block], eps_all[q0 : q0 + per_block]
-            n_b = yq.shape[0]
-            rows = n_g * n_b
-            own_sq, own_eps = (yq * yq).sum(1), (eps * yq).sum(1)
-            run_max = torch.full((rows,), -math.inf, device=dev)
-            run_sum = torch.zeros(rows, device=dev)
-            acc = torch.zeros(rows, d, device=dev)
-            for fixed_reference in (True, False):
-                for d0 in range(0, n, data_chunk):
-                    y, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev, y_buf)
-                    c = y.shape[0]
-                    grams = grams_buf[: 2 * n_b * c].view(2, n_b, c)
-                    # Logits relative to the query's own data point k = i (its logit is 0):
-                    #   l_k - l_i = -s^2 ||y_i - y_k||^2 / 2 + s eps.(y_k - y_i),
-                    # so the maximum is about 0 and no running maximum is needed (one pass less per chunk).
-                    torch.mm(yq, y.T, out=grams[0])
-                    grams[0].sub_(0.5 * ysq).sub_(0.5 * own_sq[:, None])
-                    torch.mm(eps, y.T, out=grams[1])
-                    grams[1].sub_(own_eps[:, None])
-                    # every (angle, query) row in one small-K matmul: [s^2, s] @ [-|y_i - y_k|^2 / 2; eps.(y_k - y_i)]
-                    logits = logits_buf[: rows * c].view(n_g, n_b * c)
-                    torch.mm(coeffs, grams.view(2, -1), out=logits)
-                    if fixed_reference:
-                        probs = exp_clamped_(logits.view(rows, c))
-                        run_sum.add_(probs.sum(1))
-                        accumulate_weighted(probs, acc, y, groups=n_g)
-                    else:
-                        online_softmax_update(logits.view(rows, c), run_max, run_sum, acc, y, groups=n_g)
-                # exp overflows only if some point beats the own one by > 88 nats (noise aligned with the data);
-                # then redo the block with the running-maximum (log-sum-exp) update.
-                if bool(torch.isfinite(run_sum).all()) and bool(torch.isfinite(acc).all()):
-                    break
-                run_sum.zero_()
-                acc.zero_()
-            post = (acc / run_sum[:, None]).view(n_g, n_b, d)
-            err = (((yq[None] - post) ** 2).sum(-1) / d).double()  # A = ||y - E[y|x]||^2 / d, (n_g, n_b)
-            # D1 = A - B - (m2 - 1), B = 1 - ||E[y|x]||^2 / d: E[A] - E[B] = m2 - 1 (0 under the data's own
-            # normalization), subtracted so that D1 has mean 0 under a foreign one too (a shard, global statistics).
-            cv = err - (1.0 - ((post**2).sum(-1) / d).double()) - (m2 - 1.0)
-            sq_error[g0 : g0 + n_g] += err.sum(1).cpu()
-            sq_error_sq[g0 : g0 + n_g] += (err * err).sum(1).cpu()
-            cv_sum[g0 : g0 + n_g] += cv.sum(1).cpu()
-            cv_sq[g0 : g0 + n_g] += (cv * cv).sum(1).cpu()
-            cv_cross[g0 : g0 + n_g] += (err * cv).sum(1).cpu()
-            cv2 = lin_coeffs[g0 : g0 + n_g] @ lin_parts[:, q0 : q0 + n_b]  # D2 = L - E[L], (n_g, n_b)
-            cv2_sum[g0 : g0 + n_g] += cv2.sum(1).cpu()
-            cv2_sq[g0 : g0 + n_g] += (cv2 * cv2).sum(1).cpu()
-            cv2_cross[g0 : g0 + n_g] += (err * cv2).sum(1).cpu()
-            cv12[g0 : g0 + n_g] += (cv * cv2).sum(1).cpu()
-            count[g0 : g0 + n_g] += n_b
-    return SeparationSums(
-        theta64.cpu(), sq_error, count, sq_error_sq, cv_sum, cv_sq, cv_cross, cv2_sum, cv2_sq, cv2_cross, cv12
-    )
+    yq_all, _ = data_chunk_fp32(flat[query_index.to(data.device)], 0, n_q, norm, dev, dtype=dtype)
+    eps_all = noise.reshape(n_q, d).to(device=dev, dtype=dtype)
+    m2 = mean_sq_norm(flat, norm, dev, dtype, data_chunk, SingleProcess())
+    return query_sums(flat, norm, theta64, yq_all, eps_all, slice(0, n_q), m2, query_chunk, data_chunk, SingleProcess())
 
 
-def _mean_sq_norm(flat: Tensor, norm: DataNormalization, dev: torch.device, data_chunk: int, y_buf: Tensor) -> float:
-    """``mean_i ||y_i||^2 / d`` of the normalized data (1 up to rounding when ``norm`` is the data's own)."""
-    n, d = flat.shape
-    total = 0.0
-    for d0 in range(0, n, data_chunk):
-        _, ysq = data_chunk_fp32(flat, d0, d0 + data_chunk, norm, dev, y_buf)
-        total += float(ysq.double().sum())
-    return total / (n * d)
+def draw_queries(
+    n: int, n_queries: int, sample_shape: tuple[int, ...], generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """The data estimator's queries: ``n_queries`` indices into ``n`` rows, drawn as whole random permutations (every
+    row used equally often), then their standard normal noise ``(n_queries, *sample_shape)``, on the CPU.
+
+    ``n = 0`` (an empty shard) gives no query.
+    """
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros((0, *sample_shape))
+    perms = [torch.randperm(n, generator=generator, device=generator.device) for _ in range(-(-n_queries // n))]
+    index = torch.cat(perms)[:n_queries].cpu()
+    return index, torch.randn((n_queries, *sample_shape), generator=generator, device=generator.device).cpu()
 
 
 def separation_sums_from_data(
@@ -396,23 +177,42 @@ def separation_sums_from_data(
     data_chunk: int = 2048,
     device: torch.device | str | None = None,
     labels: Tensor | None = None,
+    reduce: Reduce | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> SeparationSums:
-    """Partial sums of the finite-set estimate of ``1 - lambda`` (see :func:`estimate_separation_from_data`)."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty data set of shape (n, ...), got {tuple(x.shape)}")
-    norm = DataNormalization.from_data(x) if normalization is None else normalization
-    n_queries = _check_positive_int(n_queries, "n_queries")
-    theta = default_theta_grid() if theta is None else theta
-    gen = _default_generator(generator)
-    n = x.shape[0]
-    lab = None if labels is None else check_labels(labels, n)  # before drawing: bad labels fail fast
-    # Stratified query points: whole random permutations, so every data point is used equally often.
-    perms = [torch.randperm(n, generator=gen, device=gen.device) for _ in range(-(-n_queries // n))]
-    query_index = torch.cat(perms)[:n_queries].to(x.device)
-    noise = torch.randn((n_queries, *x.shape[1:]), generator=gen, device=gen.device)
-    return separation_sums_from_queries(x, theta, query_index, noise, norm, query_chunk, data_chunk, device, lab)
+    """Partial sums of the finite-set estimate of ``1 - lambda`` (see :func:`estimate_separation_from_data`).
+
+    With ``reduce`` over several ranks (a collective), ``x`` (and ``labels``) is this rank's shard, the queries
+    are drawn from it (:func:`draw_queries`), ``normalization`` must be the global one, and each query's posterior
+    runs over the union of the shards (:func:`ko_lightning.kinetic.sharded.sharded_separation_sums`,
+    docs/scale.md §2); a bad argument on any rank raises on every rank.
+    """
+    sharded = reduce is not None and reduce.world_size > 1
+    error: Exception | None = None
+    try:
+        if not torch.is_tensor(x):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty data set of shape (n, ...), got {tuple(x.shape)}")
+        if sharded and normalization is None:
+            raise ValueError("normalization must be given (the global statistics) when the data are sharded")
+        norm = DataNormalization.from_data(x) if normalization is None else normalization
+        n_queries = _check_positive_int(n_queries, "n_queries")
+        grid = default_theta_grid() if theta is None else theta
+        gen = _default_generator(generator)
+        lab = None if labels is None else check_labels(labels, x.shape[0])  # before drawing: bad labels fail fast
+        query_index, noise = draw_queries(x.shape[0], n_queries, tuple(x.shape[1:]), gen)
+    except Exception as err:  # noqa: BLE001 - on several ranks made known to all first
+        if not sharded:
+            raise
+        error = err
+    if reduce is not None and sharded:
+        raise_together(reduce, error, "separation_sums_from_data: drawing the queries", device or x.device)
+        return sharded_separation_sums(
+            x, grid, query_index, noise, norm, reduce, query_chunk, data_chunk, device, lab, dtype
+        )
+    query_index = query_index.to(x.device)
+    return separation_sums_from_queries(x, grid, query_index, noise, norm, query_chunk, data_chunk, device, lab, dtype)
 
 
 def estimate_separation_from_data(

@@ -29,9 +29,11 @@ from ko_lightning.likelihood.pixels import (
     DIGITS_LEVELS,
     PixelMap,
     bpd_from_log_prob,
+    data_pixel_map,
     dequantize,
     dequantize_pixels,
     discrete_bits_per_dim,
+    resolve_pixel_map,
 )
 from ko_lightning.likelihood.results import BitsPerDimResult, EvaluationResult, LogProbResult, PixelBpd
 from ko_lightning.likelihood.solve import log_prob, sample_with_log_prob, standard_normal_log_prob
@@ -47,6 +49,7 @@ __all__ = [
     "PixelMap",
     "bits_per_dim",
     "bpd_from_log_prob",
+    "data_pixel_map",
     "dequantize",
     "dequantize_pixels",
     "discrete_bits_per_dim",
@@ -54,6 +57,7 @@ __all__ = [
     "evaluate_log_prob",
     "log_prob",
     "pixel_bits_per_dim",
+    "resolve_pixel_map",
     "sample_with_log_prob",
     "standard_normal_log_prob",
 ]

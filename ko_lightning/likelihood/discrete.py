@@ -62,6 +62,7 @@ def bits_per_dim(
     num_bins: int = 256,
     data_range: tuple[float, float] = (-1.0, 1.0),
     context: str | None = None,
+    pixel_map: PixelMap | None = None,
 ) -> BitsPerDimResult:
     """Bits per dimension of integer data (8-bit images) under a flow, with dequantization.
 
@@ -82,6 +83,8 @@ def bits_per_dim(
         dequantize: ``"uniform"`` (the bound) or ``"center"``.
         num_bins: number of levels (256 for 8-bit data).
         data_range: ``(lo, hi)``, the interval the model was trained on (default ``[-1, 1]``).
+        pixel_map: the data's own map from integer pixels to the model's space (a data module's ``pixel_map()``,
+            e.g. a per-pixel mean and a scale); given, it replaces ``num_bins`` and ``data_range``.
 
     Returns:
         ``BitsPerDimResult`` with ``bpd`` of shape ``(B,)``.
@@ -95,7 +98,7 @@ def bits_per_dim(
         >>> bits_per_dim(lambda x, t: 0 * x, img, SolverSpec("euler", steps=1)).bpd.shape
         torch.Size([2])
     """
-    pixel_map = PixelMap.from_range(num_bins, data_range)
+    pixel_map = PixelMap.from_range(num_bins, data_range) if pixel_map is None else pixel_map
     noise_device = x.device if torch.is_tensor(x) else torch.device("cpu")
     y = pixel_map.dequantize(x, dequantize, generator, noise_device, "x")
     num_dims = y[0].numel()

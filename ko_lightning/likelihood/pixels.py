@@ -29,9 +29,11 @@ __all__ = [
     "DIGITS_LEVELS",
     "PixelMap",
     "bpd_from_log_prob",
+    "data_pixel_map",
     "dequantize",
     "dequantize_pixels",
     "discrete_bits_per_dim",
+    "resolve_pixel_map",
 ]
 
 DequantizeMethod = Literal["uniform", "center"]
@@ -174,8 +176,66 @@ class PixelMap:
         """``-(log p_y(y) + log_det) / (D ln 2)``: bits/dim of the pixels from the model's density of ``y``."""
         return discrete_bits_per_dim(log_prob_y, num_dims, self.scale)
 
+    def to_pixels(self, y: Tensor) -> Tensor:
+        """Model space -> integer pixels: ``round(y scale + offset)`` clipped to ``[0, levels - 1]`` (int64).
+
+        The inverse of the data's own normalization ``y = (pixel - offset) / scale`` (the training data are not
+        dequantized, so a model puts its mass near those values; rounding, not the cell's floor, maps them back).
+        """
+        offset = self.offset
+        if torch.is_tensor(offset):
+            offset = torch.as_tensor(offset).to(y.device).float()
+        return (y.float() * self.scale + offset).round().clamp(0, self.levels - 1).to(torch.int64)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors and numbers for a checkpoint (read back by :meth:`from_state`)."""
+        offset = self.offset
+        offset = torch.as_tensor(offset).detach().cpu().clone() if torch.is_tensor(offset) else float(offset)
+        return {"offset": offset, "scale": float(self.scale), "levels": int(self.levels)}
+
+    @classmethod
+    def from_state(cls, state: Any) -> PixelMap:
+        """The map :meth:`to_state` saved.
+
+        Raises:
+            ValueError: when ``state`` is not such a dict (naming what is wrong).
+        """
+        if not isinstance(state, dict) or set(state) != {"offset", "scale", "levels"}:
+            raise ValueError(f"a saved pixel map is a dict with offset, scale and levels, got {state!r:.200}")
+        offset = state["offset"]
+        if not (torch.is_tensor(offset) or isinstance(offset, (int, float))):
+            raise ValueError(f"a saved pixel map's offset must be a tensor or a number, got {type(offset).__name__}")
+        return cls(offset=offset, scale=_check_scale(state["scale"]), levels=_check_levels(state["levels"], "levels"))
+
+
+def data_pixel_map(datamodule: Any, current: PixelMap | None = None) -> PixelMap | None:
+    """The pixel map a data module declares through a ``pixel_map()`` method (integer pixel data: the digits, image
+    folders and arrays), else ``current`` (data without integer pixels, or no data module).
+
+    Raises:
+        TypeError: when ``datamodule.pixel_map()`` returns something other than a :class:`PixelMap` or None.
+    """
+    method = getattr(datamodule, "pixel_map", None)
+    if not callable(method):
+        return current
+    found = method()
+    if found is not None and not isinstance(found, PixelMap):
+        raise TypeError(f"{type(datamodule).__name__}.pixel_map() must return a PixelMap or None, got {found!r:.100}")
+    return current if found is None else found
+
 
 # ---------------------------------------------------------------------------------------------------- public API
+def resolve_pixel_map(num_bins: int | None, data_range: tuple[float, float] | None, known: PixelMap | None) -> PixelMap:
+    """The map bits/dim is computed with: explicit ``num_bins`` / ``data_range`` (``y = lo + (hi - lo)(pixel + w) /
+    num_bins``, defaults 256 and ``(-1, 1)`` for the one not given), else ``known`` (the data's own map, recorded
+    from the data module at fit time), else 8-bit data on ``[-1, 1]``."""
+    if num_bins is not None or data_range is not None:
+        return PixelMap.from_range(
+            256 if num_bins is None else num_bins, (-1.0, 1.0) if data_range is None else data_range
+        )
+    return known if known is not None else PixelMap.from_range(256, (-1.0, 1.0))
+
+
 def dequantize(
     x: Tensor,
     method: DequantizeMethod = "uniform",

@@ -1,7 +1,8 @@
 """Two-process CPU DDP run of KOScheduleCallback; each rank records what every refresh installed.
 
-Run as ``python ddp_ko_refresh.py OUT_DIR [conditional]`` (Lightning starts the second rank itself). Rank 0 also
-computes, before each refresh, the sums a single process gets over the union of both ranks' query shares. With
+Run as ``python ddp_ko_refresh.py OUT_DIR [conditional]`` (Lightning starts the second rank itself). Each rank holds
+its shard of the data; rank 0 also computes, before each refresh, the sums a single process gets over the union of
+both shards with the union of both ranks' query shares (docs/scale.md §2). With
 ``conditional``: a class-conditional model on labelled eight Gaussians (condition dropout, the conditional lambda).
 """
 
@@ -13,8 +14,12 @@ import lightning as L
 import torch
 
 from ko_lightning import FlowMatching, KOScheduleCallback
+from ko_lightning.callbacks.ko_data import _model_sums
 from ko_lightning.data import Toy2DDataModule
+from ko_lightning.kinetic import separation_sums_from_queries
+from ko_lightning.kinetic.estimators import draw_queries
 from ko_lightning.nets import TimeMLP
+from ko_lightning.seeding import derive_seed
 
 
 class RecordingKO(KOScheduleCallback):
@@ -22,12 +27,37 @@ class RecordingKO(KOScheduleCallback):
         super().__init__(**kwargs)
         self.out_dir = out_dir
 
+    def union_sums(self, trainer, pl_module, est: str, k: int):  # noqa: ANN001, ANN201
+        """Every rank: gather the shards. Rank 0: one process's sums over the union of the two shards with the union
+        of the ranks' queries (the data estimator, docs/scale.md §2), plus each rank's model sums."""
+        shards = [None, None]
+        torch.distributed.all_gather_object(shards, (self._data, self._conditions))
+        if not trainer.is_global_zero:
+            return None
+        share = -(-self.n_queries // 2)
+        index, noise, total, offset = [], [], None, 0
+        for r, (x, c) in enumerate(shards):  # the queries as local_separation_sums draws them on rank r
+            seed = derive_seed(self.seed, k, r)
+            gen = torch.Generator().manual_seed(seed)
+            i, e = draw_queries(x.shape[0], share, tuple(x.shape[1:]), gen)
+            index.append(i + offset)
+            noise.append(e)
+            offset += x.shape[0]
+            if est != "data":
+                pick = torch.randperm(x.shape[0], generator=gen)[:share]
+                m = _model_sums(pl_module, x[pick], self.theta, self.normalization, seed, self.batch_size, c, pick)
+                total = m if total is None else total + m
+        cond = None if shards[0][1] is None else torch.cat([c for _, c in shards])
+        data_sums = separation_sums_from_queries(
+            torch.cat([x for x, _ in shards]), self.theta, torch.cat(index), torch.cat(noise), self.normalization,
+            data_chunk=self.data_chunk, device=pl_module.device, labels=cond,
+        )  # fmt: skip
+        return data_sums if total is None else data_sums + total
+
     def refresh(self, trainer, pl_module, estimator=None):  # noqa: ANN001, ANN201
         est = estimator or self.estimator
         k = self.refresh_count
-        union = None
-        if trainer.is_global_zero:
-            union = self.local_sums(pl_module, est, k, 0, 2) + self.local_sums(pl_module, est, k, 1, 2)
+        union = self.union_sums(trainer, pl_module, est, k)
         report = super().refresh(trainer, pl_module, estimator)
         path = pl_module.path
         record = {
