@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ko_lightning.conditioning import Conditioning
 
-__all__ = ["COND_KEYS", "DATA_KEYS", "batch_condition", "batch_data", "check_batch"]
+__all__ = ["COND_KEYS", "DATA_KEYS", "batch_condition", "batch_data", "check_batch", "check_finite_values"]
 
 #: dict keys that hold the data samples, tried in this order.
 DATA_KEYS: tuple[str, ...] = ("x", "x1", "data", "image", "images")
@@ -123,7 +123,16 @@ def check_batch(batch: Any, where: str, data_shape: tuple[int, ...] | None = Non
     if data_shape is not None and tuple(x.shape[1:]) != data_shape:
         raise ValueError(f"{where}: samples have shape {tuple(x.shape[1:])}, expected data_shape {data_shape}")
     if check_finite:
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(f"{where} contains {bad} non-finite value(s) (NaN or Inf)")
+        check_finite_values(x, where)
     return x
+
+
+def check_finite_values(x: Tensor, where: str) -> None:
+    """Reject NaN/inf values in ``x`` (one device sync).
+
+    Raises:
+        ValueError: ``"<where> contains <k> non-finite value(s) (NaN or Inf)"``.
+    """
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{where} contains {bad} non-finite value(s) (NaN or Inf)")

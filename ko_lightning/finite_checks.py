@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ko_lightning.batches import batch_condition, check_batch
+from ko_lightning.batches import batch_condition, check_batch, check_finite_values
 from ko_lightning.conditioning import Conditioning
 
 __all__ = ["FiniteChecks", "FiniteMode", "finite_mode"]
@@ -73,7 +73,7 @@ class FiniteChecks:
         if self._deferred(stage, x.device):
             self._note(batch_idx, step, (~torch.isfinite(x)).sum(), None)
         elif self.mode is not None:
-            check_batch(batch, where, data_shape, check_finite=True)
+            check_finite_values(x, where)
         return x
 
     def cond(
@@ -88,7 +88,9 @@ class FiniteChecks:
         cond = batch_condition(batch, where, conditioning, batch_size, check_values=False)
         assert cond is not None
         if not self._deferred(stage, cond.device):
-            return batch_condition(batch, where, conditioning, batch_size, check_values=self.mode is not None)
+            if self.mode is not None:  # the values of the tensor already taken from the batch (one sync)
+                conditioning.check(cond, batch_size, f"{where}: condition", allow_null=True)
+            return cond
         if conditioning.num_classes is not None:
             ok = (cond >= 0) & (cond <= conditioning.num_classes)  # num_classes itself is "no condition"
             self._note(batch_idx, step, None, (~ok).sum())

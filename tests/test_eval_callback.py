@@ -29,16 +29,15 @@ from ko_lightning import FlowMatching
 from ko_lightning.callbacks import EvalCallback
 from ko_lightning.callbacks.eval_samples import (
     NOISE_BLOCK,
-    display_images,
     eval_labels,
     eval_noise,
-    image_grid,
     rank_share,
     reference_images,
 )
 from ko_lightning.data import DigitsDataModule
 from ko_lightning.metrics import load_digits_classifier
 from ko_lightning.metrics.fid import compute_fid_kid, to_uint8_images
+from ko_lightning.metrics.images import display_images, tile_images
 from ko_lightning.nets import UNet
 from ko_lightning.seeding import derive_seed
 
@@ -82,7 +81,7 @@ def test_the_split_across_ranks_gives_the_set_one_rank_draws(num_samples: int) -
 
 def test_image_grid_places_image_i_at_row_i_div_cols_and_column_i_mod_cols() -> None:
     images = torch.randint(0, 255, (7, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    grid = image_grid(images)  # ceil(sqrt(7)) = 3 columns, 3 rows, 1-pixel borders of 255
+    grid = tile_images(images)  # ceil(sqrt(7)) = 3 columns, 3 rows, 1-pixel borders of 255
     assert grid.shape == (3, 3 * 5 + 1, 3 * 6 + 1) and grid.dtype == torch.uint8
     covered = torch.zeros(grid.shape[1:], dtype=torch.bool)
     for i in range(7):
@@ -145,7 +144,7 @@ def test_logged_fid_and_grid_are_those_of_the_ema_samples(tmp_path: Path, cache_
     assert float(trainer.callback_metrics["eval/fid"]) == pytest.approx(result.fid, rel=1e-6)
 
     # The grid: the first grid_size EMA samples, pixel for pixel in the PNG; the raw weights would differ.
-    grid = image_grid(to_uint8_images(images[:grid_size]))
+    grid = tile_images(to_uint8_images(images[:grid_size]))
     assert evaluation.last_grid is not None and torch.equal(evaluation.last_grid, grid)
     from PIL import Image
 
@@ -154,7 +153,7 @@ def test_logged_fid_and_grid_are_those_of_the_ema_samples(tmp_path: Path, cache_
     raw_model = FlowMatching(_net(), data_shape=(1, 8, 8))
     raw_model.load_state_dict(raw.states[3])
     raw_samples = raw_model.sample(x0=x0, method="euler", steps=steps).samples
-    assert not torch.equal(image_grid(to_uint8_images(display_images(raw_samples[:grid_size], dm, (-1, 1)))), grid)
+    assert not torch.equal(tile_images(to_uint8_images(display_images(raw_samples[:grid_size], dm, (-1, 1)))), grid)
     assert "| 3 |" in (run_dir / "eval.md").read_text()
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ko_lightning.kinetic import RefreshOutcome, SeparationSums
-from ko_lightning.kinetic.collectives import TorchDistributed
+from ko_lightning.kinetic.collectives import TorchDistributed, ranks_failed_error
 
 __all__ = [
     "PendingSums",
@@ -102,10 +102,7 @@ def raise_if_any_rank_failed(trainer: L.Trainer, local_error: Exception | None, 
     failed = int(reduce_sum(trainer, torch.tensor([float(local_error is not None)], dtype=torch.float64)))
     if not failed:
         return
-    message = f"{what} failed on {failed} of {trainer.world_size} rank(s)"
-    if local_error is not None:
-        raise RuntimeError(f"{message}; on this rank: {type(local_error).__name__}: {local_error}") from local_error
-    raise RuntimeError(f"{message} (see the error printed by that rank)")
+    raise ranks_failed_error(what, failed, trainer.world_size, local_error)
 
 
 def compute_on_every_rank(trainer: L.Trainer, compute: Callable[[], Result], what: str) -> Result:

@@ -18,10 +18,8 @@ from typing_extensions import override
 from ko_lightning.callbacks.eval_samples import (
     LabelMode,
     averaged_weights,
-    display_images,
     eval_labels,
     eval_noise,
-    image_grid,
     rank_share,
     reference_images,
 )
@@ -32,7 +30,7 @@ from ko_lightning.conditioning import Conditioning
 from ko_lightning.metrics.digits_features import DIGITS_EXTRACTOR_NAME
 from ko_lightning.metrics.distributed import all_gather_samples
 from ko_lightning.metrics.fid import FidKidResult, compute_fid_kid
-from ko_lightning.metrics.images import to_uint8_images
+from ko_lightning.metrics.images import display_images, tile_images, to_uint8_images
 from ko_lightning.protocols import SamplingModule
 
 __all__ = ["EvalCallback"]
@@ -57,9 +55,10 @@ class EvalCallback(L.Callback):
     4. Logged to every logger at the step: ``eval/fid``, ``eval/kid_mean``, ``eval/kid_std``, ``eval/num_samples``,
        ``eval/seconds`` (this evaluation's wall time), ``eval/time_fraction`` (evaluation time / training wall time
        so far); also put in ``trainer.callback_metrics`` (e.g. for ``ModelCheckpoint(monitor="eval/fid")``).
-    5. The first ``grid_size`` samples as a grid (:func:`~.eval_samples.image_grid`): ``add_image("eval/samples")``
-       on a TensorBoard logger, else ``eval_step{N}.png`` in the run directory, also passed to any logger with
-       ``log_image``. At the end of fit ``eval.md`` in the run directory lists every evaluation and its cost.
+    5. The first ``grid_size`` samples as a grid (:func:`~ko_lightning.metrics.images.tile_images`):
+       ``add_image("eval/samples")`` on a TensorBoard logger, else ``eval_step{N}.png`` in the run directory, also
+       passed to any logger with ``log_image``. At the end of fit ``eval.md`` in the run directory lists every
+       evaluation and its cost.
 
     Args:
         every_n_steps: evaluate when ``global_step`` is a multiple of this (after the optimizer step).
@@ -250,7 +249,7 @@ class EvalCallback(L.Callback):
         start, _ = rank_share(self.num_samples, trainer.world_size, trainer.global_rank)
         mine = images[: max(0, self.grid_size - start)]
         local = to_uint8_images(mine, "samples") if mine.shape[0] else torch.empty(mine.shape, dtype=torch.uint8)
-        return image_grid(all_gather_samples(local))
+        return tile_images(all_gather_samples(local))
 
     @rank_zero_only
     def _log_grid(self, trainer: L.Trainer, grid: Tensor, step: int) -> None:

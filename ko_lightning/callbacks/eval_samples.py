@@ -10,7 +10,6 @@ only, never on the rank or the number of ranks: rank ``r`` of ``W`` draws the co
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -21,16 +20,15 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 from ko_lightning.batches import batch_data
+from ko_lightning.metrics.images import display_images
 from ko_lightning.seeding import derive_seed
 
 __all__ = [
     "NOISE_BLOCK",
     "LabelMode",
     "averaged_weights",
-    "display_images",
     "eval_labels",
     "eval_noise",
-    "image_grid",
     "rank_share",
     "reference_images",
 ]
@@ -138,16 +136,6 @@ def averaged_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterat
                 cur.data.copy_(old)
 
 
-def display_images(x: Tensor, datamodule: Any, value_range: tuple[float, float]) -> Tensor:
-    """Model-space samples as float images in ``[0, 1]`` on the CPU: ``datamodule.to_display(x)`` (clamped) when
-    the datamodule has it, else ``(clamp(x, lo, hi) - lo) / (hi - lo)``. NaN stays NaN (the FID code rejects it)."""
-    x = x.detach().float().cpu()
-    if datamodule is not None and hasattr(datamodule, "to_display"):
-        return datamodule.to_display(x).clamp(0.0, 1.0)
-    lo, hi = value_range
-    return (x.clamp(lo, hi) - lo) / (hi - lo)
-
-
 def reference_images(
     datamodule: Any, split: str, value_range: tuple[float, float], limit: int | None, chunk: int = 1024
 ) -> Tensor:
@@ -179,20 +167,3 @@ def reference_images(
         raise ValueError(f"reference={split!r}: the datamodule's {split} split is empty")
     images = torch.cat(out)
     return images if limit is None else images[:limit]
-
-
-def image_grid(images: Tensor, columns: int | None = None, pad: int = 1, pad_value: int = 255) -> Tensor:
-    """Tile uint8 images ``(N, C, H, W)`` into one ``(C, rows (H + pad) + pad, cols (W + pad) + pad)`` image.
-
-    Image ``i`` sits in row ``i // cols``, column ``i mod cols`` (``cols = ceil(sqrt(N))`` by default), its top-left
-    pixel at ``(pad + row (H + pad), pad + col (W + pad))``; the rest is ``pad_value``.
-    """
-    n, c, h, w = images.shape
-    cols = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), pad_value, dtype=images.dtype)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[:, top : top + h, left : left + w] = images[i]
-    return grid

@@ -20,6 +20,7 @@ from ko_lightning.callbacks.report_table import format_cell, write_report_table
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.conditioning import Conditioning
 from ko_lightning.metrics.fid_math import fid_from_features
+from ko_lightning.metrics.images import display_images, display_tiles
 
 __all__ = ["GuidanceReport", "ImageClassifier"]
 
@@ -237,8 +238,9 @@ class GuidanceReport(L.Callback):
                 ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=self.labels.numpy(), s=2, cmap="tab10")
                 ax.set_aspect("equal")
             else:
-                images = _display(datamodule, x[index]) if datamodule is not None else (x[index] + 1) / 2
-                ax.imshow(_tiles(images, classes), cmap="gray" if images.shape[1] == 1 else None)
+                images = display_images(x[index], datamodule, (-1.0, 1.0))
+                tiles = display_tiles(images, classes)
+                ax.imshow(tiles, cmap="gray" if tiles.ndim == 2 else None)
                 width = images.shape[-1] if images.ndim == 4 else math.isqrt(images.shape[1])
                 ax.set_xticks(
                     [0.5 + q * (width + 1) + width / 2 for q in range(classes)], [str(c) for c in range(classes)]
@@ -249,18 +251,3 @@ class GuidanceReport(L.Callback):
         fig.tight_layout()
         fig.savefig(file, dpi=90)
         plt.close(fig)
-
-
-def _tiles(x: Tensor, cols: int) -> Any:
-    """Images ``(N, C, H, W)`` (or flattened squares) in [0, 1] -> one array with ``cols`` tiles per row."""
-    if x.ndim == 2:
-        side = int(math.isqrt(x.shape[1]))
-        x = x.reshape(-1, 1, side, side)
-    n, c, h, w = x.shape
-    rows = -(-n // cols)
-    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
-    grid = grid.clamp(0, 1).permute(1, 2, 0)
-    return (grid[..., 0] if c == 1 else grid).numpy()

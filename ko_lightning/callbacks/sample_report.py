@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from ko_lightning.callbacks.protocol_check import require_protocol
 from ko_lightning.callbacks.report_table import write_report_table
 from ko_lightning.callbacks.run_dir import resolve_run_dir
 from ko_lightning.metrics.distances import mmd_rbf, sliced_wasserstein
+from ko_lightning.metrics.images import display_images, display_tiles
 from ko_lightning.protocols import SamplingModule
 
 __all__ = ["SampleReport", "plan_report"]
@@ -242,29 +242,10 @@ class SampleReport(L.Callback):
                 ax.hist2d(x[:, 0].numpy(), x[:, 1].numpy(), bins=100, range=extent, cmap="magma")
                 ax.set_aspect("equal")
             else:
-                ax.imshow(_image_grid(x[:64], datamodule), cmap="gray" if x.shape[1] == 1 else None)
+                tiles = display_tiles(display_images(x[:64], datamodule, (-1.0, 1.0)))
+                ax.imshow(tiles, cmap="gray" if tiles.ndim == 2 else None)
             ax.set_title(title)
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(os.path.join(run_dir, "samples.png"), dpi=90)
         plt.close(fig)
-
-
-def _image_grid(x: Tensor, datamodule: Any) -> Any:
-    """Tile image samples ``(N, C, H, W)`` into one array in [0, 1] for display."""
-    if datamodule is not None and hasattr(datamodule, "to_display"):
-        x = datamodule.to_display(x)
-    else:
-        x = (x.clamp(-1, 1) + 1) / 2
-    if x.ndim == 2:  # flattened square images
-        side = int(math.isqrt(x.shape[1]))
-        x = x.reshape(-1, 1, side, side)
-    n, c, h, w = x.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
-    grid = grid.clamp(0, 1).permute(1, 2, 0)
-    return (grid[..., 0] if c == 1 else grid).numpy()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Reduce", "SingleProcess", "TorchDistributed", "raise_together"]
+__all__ = ["Reduce", "SingleProcess", "TorchDistributed", "raise_together", "ranks_failed_error"]
 
 ReduceOp = Literal["sum", "max"]
 
@@ -99,7 +99,15 @@ def raise_together(
     failed = int(reduce.all_reduce(torch.tensor([float(local_error is not None)], dtype=torch.float64, device=device)))
     if not failed:
         return
-    message = f"{what} failed on {failed} of {reduce.world_size} rank(s)"
+    raise ranks_failed_error(what, failed, reduce.world_size, local_error)
+
+
+def ranks_failed_error(what: str, failed: int, world_size: int, local_error: Exception | None) -> RuntimeError:
+    """The error every rank raises together: ``"<what> failed on <k> of <n> rank(s)"``, with this rank's error
+    in the message and as the cause where it has one (set as ``__cause__``)."""
+    message = f"{what} failed on {failed} of {world_size} rank(s)"
     if local_error is not None:
-        raise RuntimeError(f"{message}; on this rank: {type(local_error).__name__}: {local_error}") from local_error
-    raise RuntimeError(f"{message} (see the error printed by that rank)")
+        error = RuntimeError(f"{message}; on this rank: {type(local_error).__name__}: {local_error}")
+        error.__cause__ = local_error
+        return error
+    return RuntimeError(f"{message} (see the error printed by that rank)")

@@ -1,4 +1,5 @@
-"""Image batches for the feature extractors: validation, 8-bit quantization, hashing, a Dataset view.
+"""Image batches for the feature extractors and the reports: validation, 8-bit quantization, hashing, a Dataset view,
+and display (samples to [0, 1] images, tiled into one grid).
 
 Images are tensors ``(N, C, H, W)``, either ``uint8`` in ``[0, 255]`` or floating point in ``value_range``
 (default ``[0, 1]``). Floats are quantized to 8 bits exactly as if the samples were saved as PNG (the standard FID
@@ -10,12 +11,14 @@ protocol)::
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ImageSet", "images_sha256", "to_uint8_images"]
+__all__ = ["ImageSet", "display_images", "display_tiles", "images_sha256", "tile_images", "to_uint8_images"]
 
 
 def to_uint8_images(images: Tensor, name: str = "images", value_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -85,3 +88,41 @@ class ImageSet(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return self.images[index]
+
+
+def tile_images(images: Tensor, columns: int | None = None, pad: int = 1, pad_value: float = 255) -> Tensor:
+    """Tile images ``(N, C, H, W)`` into one ``(C, rows (H + pad) + pad, cols (W + pad) + pad)`` image.
+
+    Image ``i`` sits in row ``i // cols``, column ``i mod cols`` (``cols = ceil(sqrt(N))`` by default), its top-left
+    pixel at ``(pad + row (H + pad), pad + col (W + pad))``; the rest is ``pad_value``. Keeps the images' dtype.
+    """
+    n, c, h, w = images.shape
+    cols = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = torch.full((c, rows * (h + pad) + pad, cols * (w + pad) + pad), pad_value, dtype=images.dtype)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def display_images(x: Tensor, datamodule: Any, value_range: tuple[float, float]) -> Tensor:
+    """Model-space samples as float images in ``[0, 1]`` on the CPU: ``datamodule.to_display(x)`` (clamped) when
+    the datamodule has it, else ``(clamp(x, lo, hi) - lo) / (hi - lo)``. NaN stays NaN (the FID code rejects it)."""
+    x = x.detach().float().cpu()
+    if datamodule is not None and hasattr(datamodule, "to_display"):
+        return datamodule.to_display(x).clamp(0.0, 1.0)
+    lo, hi = value_range
+    return (x.clamp(lo, hi) - lo) / (hi - lo)
+
+
+def display_tiles(images: Tensor, columns: int | None = None) -> Any:
+    """Images in ``[0, 1]`` (``(N, C, H, W)``, or flattened squares ``(N, H * W)``) as one array for ``imshow``:
+    :func:`tile_images` with white 1-pixel borders, clipped to ``[0, 1]``, ``(H', W')`` for one channel, else
+    ``(H', W', C)``."""
+    if images.ndim == 2:  # flattened square images
+        side = math.isqrt(images.shape[1])
+        images = images.reshape(-1, 1, side, side)
+    grid = tile_images(images.float().cpu(), columns, pad=1, pad_value=1.0).clamp(0, 1).permute(1, 2, 0)
+    return (grid[..., 0] if images.shape[1] == 1 else grid).numpy()
