@@ -149,9 +149,10 @@ class FlowMatching(FlowInference, L.LightningModule):
         train_seed: seed of the training noise, mixed with step and rank (exact resume); None: drawn at fit start.
         cond_dropout: probability that a training sample's condition is replaced by "no condition" (classifier-free
             guidance training; drawn from the step's seeded generator).
-        time_sampler: the density of training times (docs/math.md §1.4): ``"auto"`` (uniform; on a solved KO path
-            the same objective drawn by importance sampling, ``"speed"``), ``"uniform"``, ``"speed"``,
-            ``"logit_normal"``, ``"logit_normal(m, s)"`` or a callable ``(batch_size, generator) -> u in [0, 1]``.
+        time_sampler: the density of training times (docs/math.md §1.4, §1.5): ``"auto"`` (uniform; on a solved KO
+            path half its own loss and half Cond-OT's weighting of noise levels, ``"cond_ot_snr(0.5)"``),
+            ``"uniform"``, ``"cond_ot_snr(share)"``, ``"speed"``, ``"logit_normal"``, ``"logit_normal(m, s)"`` or a
+            callable ``(batch_size, generator) -> u``.
     """
 
     def __init__(

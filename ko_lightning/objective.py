@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ko_lightning.parametrizations import LossWeighting, OutputParametrization
 from ko_lightning.paths import GaussianPath, PathSample
-from ko_lightning.time_samplers import AutoTime, SpeedImportanceTime, TimeSampler, UniformTime
+from ko_lightning.time_samplers import AutoTime, TabulatedImportanceTime, TimeSampler, UniformTime
 
 __all__ = ["draw_time_and_noise", "draw_times", "flow_matching_loss", "sample_time"]
 
@@ -23,7 +23,7 @@ def sample_time(
 ) -> Tensor:
     """``t = t_eps + (1 - 2 t_eps) u`` with ``u`` from ``sampler`` (default ``u ~ U[0, 1]``), shape ``(batch_size,)``,
     fp32 (docs/math.md §1.4). Importance samplers need their path: :func:`draw_time_and_noise`."""
-    if isinstance(sampler, (AutoTime, SpeedImportanceTime)):
+    if isinstance(sampler, (AutoTime, TabulatedImportanceTime)):
         raise ValueError(f"the {sampler} time sampler draws on a path: use draw_time_and_noise(..., path=...)")
     u = (sampler or UniformTime())(batch_size, generator, device)
     return t_eps + (1.0 - 2.0 * t_eps) * u
@@ -38,10 +38,10 @@ def draw_time_and_noise(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Fresh times, noise ``x0 ~ N(0, I)`` (fp32, shaped like ``x1``) and per-sample loss weights for a data batch.
 
-    The times come from :func:`sample_time`, or, for an importance sampler (``"speed"``, or ``"auto"`` on a KO
-    path; docs/math.md §1.4), from its density on ``path`` together with the weights ``1 / q(t)``; the weights are
-    None otherwise. The times are drawn first, then the noise, both from ``generator``: the order fixes which numbers
-    a seeded training step sees.
+    The times come from :func:`sample_time`, or, for an importance sampler (``"speed"``, ``"cond_ot_snr"``, or
+    ``"auto"`` on a KO path; docs/math.md §1.4, §1.5), from its density on ``path`` together with the weights
+    ``c(t) / q(t)``; the weights are None otherwise. The times are drawn first, then the noise, both from
+    ``generator``: the order fixes which numbers a seeded training step sees.
     """
     t, weights = draw_times(x1.shape[0], x1.device, t_eps, generator, sampler, path)
     x0 = torch.randn(x1.shape, device=x1.device, generator=generator)
@@ -57,11 +57,11 @@ def draw_times(
     path: GaussianPath | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Training times in ``[t_eps, 1 - t_eps]`` and, for an importance sampler on ``path``, their loss weights
-    ``1 / q(t)`` (None for the other samplers; docs/math.md §1.4)."""
+    ``c(t) / q(t)`` (None for the other samplers; docs/math.md §1.4, §1.5)."""
     chosen = sampler.for_path(path) if isinstance(sampler, AutoTime) else sampler
-    if isinstance(chosen, SpeedImportanceTime):
+    if isinstance(chosen, TabulatedImportanceTime):
         if path is None:
-            raise ValueError("the 'speed' time sampler needs the path it samples on")
+            raise ValueError(f"the {chosen} time sampler needs the path it samples on")
         return chosen.weighted_times(path, batch_size, generator, device, t_eps)
     return sample_time(batch_size, device, t_eps, generator, chosen), None
 

@@ -15,8 +15,12 @@ velocity) does not depend on it, so any density with full support trains the sam
   (the RMS of the regression target for normalized data), each sample's loss weighted by ``1 / q(t)``. Same
   objective as ``"uniform"``, lower variance where the path turns fast; on a constant-speed path (Cond-OT, cosine)
   it is ``"uniform"``.
-- ``"auto"`` (the default): ``"speed"`` on a solved KO path (its ``sample_grid`` is ``"angle"``), ``"uniform"``
-  on every other path (docs/math.md §1.4).
+- ``"cond_ot_snr"`` or ``"cond_ot_snr(share)"``: Cond-OT's weighting of noise levels on any path (docs/math.md
+  §1.5): the objective ``(1 - share) L_path + share L_ot`` where ``L_ot`` weights each signal-to-noise ratio as
+  Cond-OT's uniform-time training does, drawn by importance sampling with bounded weights (``share = 1`` by
+  default). On Cond-OT it is ``"uniform"``.
+- ``"auto"`` (the default): ``"cond_ot_snr(0.5)"`` on a solved KO path (its ``sample_grid`` is ``"angle"``),
+  ``"uniform"`` on every other path.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from torch import Tensor
 
 __all__ = [
     "AutoTime",
+    "CondOTWeightedTime",
     "LogitNormalTime",
     "SpeedImportanceTime",
+    "TabulatedImportanceTime",
     "TimeSampler",
     "TimeSamplerSpec",
     "UniformTime",
@@ -45,6 +51,7 @@ __all__ = [
 TimeSamplerSpec = str | Callable[[int, torch.Generator | None], Tensor]
 
 _SPEED = re.compile(r"^speed(?:\(\s*([-+0-9.eE]+)\s*\))?$")
+_COND_OT_SNR = re.compile(r"^cond_ot_snr(?:\(\s*([-+0-9.eE]+)\s*\))?$")
 _LOGIT_NORMAL = re.compile(r"^logit_normal(?:\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*\))?$")
 
 
@@ -126,13 +133,62 @@ class _CheckedCallable:
         return time_sampler_name(self.fn)
 
 
-class SpeedImportanceTime:
-    """Importance sampling of the uniform objective by the path's conditional speed (module docstring).
+class TabulatedImportanceTime:
+    """An objective ``E_t [c(t) loss(t)]`` (``t`` uniform on ``[t_eps, 1 - t_eps]``, ``c`` with mean 1) drawn by
+    importance sampling from a proposal ``q`` built on the path: ``t ~ q``, each loss weighted by ``c(t) / q(t)``.
 
-    The density is piecewise constant on ``n_cells`` equal cells of ``[t_eps, 1 - t_eps]``, so the inverse CDF is
-    exact and ``weight = 1 / q(t)`` is exactly the inverse of the density ``t`` was drawn from: the weighted loss is
-    an unbiased estimate of the uniform one, with weights at most ``1 / mix``. One uniform number per sample is
-    drawn, as ``"uniform"`` draws it. The table is rebuilt when the path object changes (a KO refresh).
+    ``c`` and ``q`` are piecewise constant on ``n_cells`` equal cells, so the inverse CDF is exact and the weight is
+    exactly ``c / q`` for the density ``t`` was drawn from: the weighted loss is an unbiased estimate of the objective.
+    One uniform number per sample is drawn, as ``"uniform"`` draws it. The table is rebuilt when the path object
+    changes (a KO refresh). Subclasses give ``(c, q)`` at the cell midpoints from the path's coefficients.
+
+    Args:
+        n_cells: cells of the density table.
+    """
+
+    def __init__(self, n_cells: int = 2048) -> None:
+        self.n_cells = int(n_cells)
+        self._cache: tuple[Any, float, torch.device, Tensor, Tensor] | None = None
+
+    def _target_and_proposal(self, coefficients: Any) -> tuple[Tensor, Tensor]:
+        """``(c, q)`` at the cell midpoints, float64 on the CPU, each with mean 1 over the cells."""
+        raise NotImplementedError
+
+    def _table(self, path: Any, t_eps: float, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(cdf, weight)`` on ``device``: the proposal's CDF at the ``n_cells + 1`` cell edges and each cell's loss
+        weight ``c / q``. Built once per path object, range and device: a training step only looks it up."""
+        cached = self._cache
+        if cached is None or cached[0] is not path or cached[1] != t_eps or cached[2] != device:
+            buffer = next(path.buffers(), None)  # evaluate where the path's table lives
+            at = torch.linspace(t_eps, 1.0 - t_eps, 2 * self.n_cells + 1, dtype=torch.float32)[1::2]  # cell midpoints
+            target, proposal = self._target_and_proposal(path(at.to(buffer.device if buffer is not None else "cpu")))
+            cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(proposal, 0) / self.n_cells])
+            cdf = cdf / cdf[-1]
+            cached = self._cache = (path, t_eps, device, cdf.to(device), (target / proposal).to(device))
+        return cached[3], cached[4]
+
+    def weighted_times(
+        self, path: Any, batch_size: int, generator: torch.Generator | None, device: torch.device, t_eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """Times in ``[t_eps, 1 - t_eps]`` and their loss weights ``c(t) / q(t)``."""
+        u = torch.rand(batch_size, device=_device(generator, device), generator=generator).double()
+        cdf, weight = self._table(path, t_eps, u.device)
+        cell = torch.searchsorted(cdf, u, right=True).clamp(1, self.n_cells) - 1
+        frac = ((u - cdf[cell]) / (cdf[cell + 1] - cdf[cell])).clamp(0.0, 1.0)
+        t = t_eps + (1.0 - 2.0 * t_eps) * (cell + frac) / self.n_cells
+        return t.float(), weight[cell].float()
+
+
+def _speed_proposal(coefficients: Any, mix: float) -> Tensor:
+    """``mix + (1 - mix) s(t) / mean(s)``, ``s = sqrt(alpha'^2 + sigma'^2)``, normalized to mean 1."""
+    speed = (coefficients.d_alpha.double() ** 2 + coefficients.d_sigma.double() ** 2).sqrt().cpu()
+    density = mix + (1.0 - mix) * speed / speed.mean()
+    return density / density.mean()
+
+
+class SpeedImportanceTime(TabulatedImportanceTime):
+    """Importance sampling of the uniform objective by the path's conditional speed (module docstring): ``c = 1``,
+    ``q ∝ mix + (1 - mix) s(t) / mean(s)``, so the weights are at most ``1 / mix``.
 
     Args:
         mix: the uniform share of the density, in ``(0, 1]`` (bounds the weights by ``1 / mix``).
@@ -142,50 +198,74 @@ class SpeedImportanceTime:
     def __init__(self, mix: float = 0.5, n_cells: int = 2048) -> None:
         if not 0 < mix <= 1:
             raise ValueError(f"time_sampler speed needs mix in (0, 1], got {mix!r}")
-        self.mix, self.n_cells = float(mix), int(n_cells)
-        self._cache: tuple[Any, float, torch.device, Tensor, Tensor] | None = None
+        super().__init__(n_cells)
+        self.mix = float(mix)
 
-    def _table(self, path: Any, t_eps: float, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(cdf, density)`` on ``device``: the CDF at the ``n_cells + 1`` cell edges and each cell's density,
-        normalized to mean 1 over the cells (so it is ``q`` on ``u = (t - t_eps) / (1 - 2 t_eps)``). Built once per
-        path object (a KO refresh installs a new one), range and device: a training step only looks it up."""
-        cached = self._cache
-        if cached is None or cached[0] is not path or cached[1] != t_eps or cached[2] != device:
-            buffer = next(path.buffers(), None)  # evaluate where the path's table lives
-            at = torch.linspace(t_eps, 1.0 - t_eps, 2 * self.n_cells + 1, dtype=torch.float32)[1::2]  # cell midpoints
-            c = path(at.to(buffer.device if buffer is not None else "cpu"))
-            speed = (c.d_alpha.double() ** 2 + c.d_sigma.double() ** 2).sqrt().cpu()
-            density = self.mix + (1.0 - self.mix) * speed / speed.mean()
-            density = density / density.mean()
-            cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(density, 0) / self.n_cells])
-            cdf = cdf / cdf[-1]
-            cached = self._cache = (path, t_eps, device, cdf.to(device), density.to(device))
-        return cached[3], cached[4]
-
-    def weighted_times(
-        self, path: Any, batch_size: int, generator: torch.Generator | None, device: torch.device, t_eps: float
-    ) -> tuple[Tensor, Tensor]:
-        """Times in ``[t_eps, 1 - t_eps]`` and their loss weights ``1 / q(t)`` (``q`` normalized on that range)."""
-        u = torch.rand(batch_size, device=_device(generator, device), generator=generator).double()
-        cdf, density = self._table(path, t_eps, u.device)
-        cell = torch.searchsorted(cdf, u, right=True).clamp(1, self.n_cells) - 1
-        frac = ((u - cdf[cell]) / (cdf[cell + 1] - cdf[cell])).clamp(0.0, 1.0)
-        t = t_eps + (1.0 - 2.0 * t_eps) * (cell + frac) / self.n_cells
-        return t.float(), (1.0 / density[cell]).float()
+    def _target_and_proposal(self, coefficients: Any) -> tuple[Tensor, Tensor]:
+        proposal = _speed_proposal(coefficients, self.mix)
+        return torch.ones_like(proposal), proposal
 
     def __str__(self) -> str:
         return "speed" if self.mix == 0.5 else f"speed({self.mix:g})"
 
 
+class CondOTWeightedTime(TabulatedImportanceTime):
+    """Cond-OT's weighting of noise levels on any path (docs/math.md §1.5): the objective
+    ``(1 - share) L_path + share L_ot``, drawn by importance sampling.
+
+    ``L_path`` is the path's own uniform-time velocity loss. ``L_ot`` is the same network's loss with the weight per
+    signal-to-noise ratio ``s = alpha / sigma`` that Cond-OT training gives it: both losses are
+    ``beta^2 E||x1_hat - x1||^2`` (``beta = sigma s'``), and Cond-OT draws ``u ~ U[0, 1]`` with ``s = u / (1 - u)``,
+    so ``L_ot = ∫ ds E||x1_hat - x1||^2 = ∫ w(t) L_path(t) dt`` with ``w(t) = 1 / (alpha' sigma - alpha sigma')``.
+    The proposal mixes the speed proposal (share ``1 - share``) with the density of Cond-OT's own draw mapped onto
+    this path, ``du/dt = (alpha' sigma - alpha sigma') / (alpha + sigma)^2``; at ``share = 1`` each loss is weighted by
+    ``(beta_ot / beta_path)^2 = (alpha + sigma)^2 / (alpha' sigma - alpha sigma')^2``, which is 1 on Cond-OT: the
+    network sees the noise levels and target sizes of Cond-OT training, on this path's coordinates.
+
+    Args:
+        share: the share of ``L_ot`` in the objective, in ``[0, 1]``.
+        speed_mix: the uniform share of the speed proposal (:class:`SpeedImportanceTime`).
+        n_cells: cells of the density table.
+    """
+
+    def __init__(self, share: float = 1.0, speed_mix: float = 0.5, n_cells: int = 2048) -> None:
+        if not 0 <= share <= 1:
+            raise ValueError(f"time_sampler cond_ot_snr needs a share in [0, 1], got {share!r}")
+        super().__init__(n_cells)
+        self.share, self.speed_mix = float(share), float(speed_mix)
+
+    def _target_and_proposal(self, coefficients: Any) -> tuple[Tensor, Tensor]:
+        alpha, sigma = coefficients.alpha.double().cpu(), coefficients.sigma.double().cpu()
+        d_alpha, d_sigma = coefficients.d_alpha.double().cpu(), coefficients.d_sigma.double().cpu()
+        snr_rate = d_alpha * sigma - alpha * d_sigma  # sigma^2 s' > 0 on a path whose SNR increases
+        if not bool((snr_rate > 0).all()):
+            raise ValueError("time_sampler cond_ot_snr needs a path whose signal-to-noise ratio increases in t")
+        ot_weight = 1.0 / snr_rate
+        ot_draw = snr_rate / (alpha + sigma) ** 2
+        target = (1.0 - self.share) + self.share * ot_weight / ot_weight.mean()
+        proposal = (1.0 - self.share) * _speed_proposal(coefficients, self.speed_mix) + self.share * (
+            ot_draw / ot_draw.mean()
+        )
+        return target, proposal
+
+    def __str__(self) -> str:
+        return "cond_ot_snr" if self.share == 1.0 else f"cond_ot_snr({self.share:g})"
+
+
 @dataclass(frozen=True)
 class AutoTime:
-    """``"speed"`` on a solved KO path (``path.sample_grid == "angle"``), ``"uniform"`` on any other path."""
+    """``"cond_ot_snr(0.5)"`` on a solved KO path (``path.sample_grid == "angle"``), ``"uniform"`` on any other path.
 
-    speed: SpeedImportanceTime = field(default_factory=SpeedImportanceTime)
+    Why (docs/math.md §1.5, recipes/RESULTS.md): the KO path's own loss spends the training budget on noise levels
+    differently from Cond-OT; alone it lost at 8-64 Euler steps on the digits and the 12-d mixture, and Cond-OT's
+    weighting alone lost on the spiral. Half of each won or tied at every step count on all the sets measured.
+    """
 
-    def for_path(self, path: Any) -> UniformTime | SpeedImportanceTime:
+    ko: CondOTWeightedTime = field(default_factory=lambda: CondOTWeightedTime(0.5))
+
+    def for_path(self, path: Any) -> UniformTime | CondOTWeightedTime:
         """The sampler this path gets."""
-        return self.speed if getattr(path, "sample_grid", "time") == "angle" else UniformTime()
+        return self.ko if getattr(path, "sample_grid", "time") == "angle" else UniformTime()
 
     def __str__(self) -> str:
         return "auto"
@@ -194,7 +274,7 @@ class AutoTime:
 def time_sampler_name(sampler: Any) -> str:
     """How hyperparameters record a sampler: its name (``"uniform"``, ``"logit_normal(0, 1)"``) or, for a plain
     callable, ``"callable:<module>.<qualname>"`` (which cannot be rebuilt from the name)."""
-    if isinstance(sampler, (UniformTime, LogitNormalTime, _CheckedCallable, SpeedImportanceTime, AutoTime)):
+    if isinstance(sampler, (UniformTime, LogitNormalTime, _CheckedCallable, TabulatedImportanceTime, AutoTime)):
         return str(sampler)
     module = getattr(sampler, "__module__", None) or type(sampler).__module__
     qualname = getattr(sampler, "__qualname__", None) or type(sampler).__qualname__
@@ -202,7 +282,7 @@ def time_sampler_name(sampler: Any) -> str:
 
 
 #: a checked time sampler, as :func:`make_time_sampler` returns it.
-TimeSampler = UniformTime | LogitNormalTime | _CheckedCallable | SpeedImportanceTime | AutoTime
+TimeSampler = UniformTime | LogitNormalTime | _CheckedCallable | SpeedImportanceTime | CondOTWeightedTime | AutoTime
 
 
 def make_time_sampler(spec: Any) -> TimeSampler:
@@ -211,7 +291,9 @@ def make_time_sampler(spec: Any) -> TimeSampler:
     Raises:
         ValueError: naming ``time_sampler`` for an unknown name (listing the valid ones) or bad parameters.
     """
-    if isinstance(spec, (UniformTime, LogitNormalTime, _CheckedCallable, SpeedImportanceTime, AutoTime)):
+    if isinstance(spec, (UniformTime, LogitNormalTime, _CheckedCallable, SpeedImportanceTime, CondOTWeightedTime)):
+        return spec
+    if isinstance(spec, AutoTime):
         return spec
     if isinstance(spec, str):
         name = spec.strip()
@@ -219,6 +301,9 @@ def make_time_sampler(spec: Any) -> TimeSampler:
             return UniformTime()
         if name == "auto":
             return AutoTime()
+        ot_snr = _COND_OT_SNR.match(name)
+        if ot_snr:
+            return CondOTWeightedTime() if ot_snr.group(1) is None else CondOTWeightedTime(float(ot_snr.group(1)))
         speed = _SPEED.match(name)
         if speed:
             return SpeedImportanceTime() if speed.group(1) is None else SpeedImportanceTime(float(speed.group(1)))
@@ -228,7 +313,8 @@ def make_time_sampler(spec: Any) -> TimeSampler:
             return LogitNormalTime(mean, std)
         raise ValueError(
             f"time_sampler={spec!r} is not a known sampler: use 'auto', 'uniform', 'speed', 'speed(mix)', "
-            "'logit_normal', 'logit_normal(m, s)' or a callable (batch_size, generator) -> u in [0, 1]"
+            "'cond_ot_snr', 'cond_ot_snr(share)', 'logit_normal', 'logit_normal(m, s)' or a callable "
+            "(batch_size, generator) -> u in [0, 1]"
             + (" (pass the callable again: a saved name cannot rebuild it)" if name.startswith("callable:") else "")
         )
     if callable(spec):

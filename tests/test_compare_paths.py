@@ -316,6 +316,17 @@ def test_the_logit_normal_row_starts_from_the_same_weights_and_trains_on_logit_n
     )
 
 
+def test_a_row_time_sampler_override_reaches_the_model() -> None:
+    from recipes.compare_paths.build import build_model
+
+    default = load_config(ROOT / "recipes" / "compare_paths.yaml", {"paths": ["ko"]})
+    override = load_config(
+        ROOT / "recipes" / "compare_paths.yaml", {"paths": ["ko"], "time_samplers": {"ko": "cond_ot_snr(0.25)"}}
+    )
+    assert str(build_model(default, "ko", (2,)).time_sampler) == "auto"
+    assert str(build_model(override, "ko", (2,)).time_sampler) == "cond_ot_snr(0.25)"
+
+
 @pytest.mark.parametrize(
     ("raw", "needle", "listed"),
     [
@@ -328,6 +339,8 @@ def test_the_logit_normal_row_starts_from_the_same_weights_and_trains_on_logit_n
         ({"t_eps": {"ddpm": 0.1}}, "'ddpm'", "'t_eps'"),
         ({"paths": ["cond_ot", "rectified"]}, "rectified", "cosine"),
         ({"train": {"max_steps": "many"}}, '"train.max_steps"', "int"),
+        ({"time_samplers": {"rectified": "uniform"}}, "'time_samplers.rectified'", "cond_ot"),
+        ({"time_samplers": {"ko": "speedy"}}, "'time_samplers.ko'", "cond_ot_snr"),
     ],
 )
 def test_bad_config_keys_are_named_with_the_valid_ones(raw: dict[str, Any], needle: str, listed: str) -> None:

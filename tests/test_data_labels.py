@@ -137,7 +137,8 @@ def _reference_draw(name: str, n: int, g: torch.Generator) -> Tensor:
     return means[torch.randint(0, 10, (n,), generator=g)] + 0.3 * torch.randn(n, 12, generator=g)
 
 
-@pytest.mark.parametrize("name", sorted(TOY2D_LABELLED_SAMPLERS))
+# the pinwheel was added with its labels (its own test checks that both samplers draw the same points)
+@pytest.mark.parametrize("name", sorted(set(TOY2D_LABELLED_SAMPLERS) - {"pinwheel"}))
 def test_samplers_draw_what_they_drew_before_labels(name: str) -> None:
     assert torch.equal(TOY2D_SAMPLERS[name](1000, _gen(9)), _reference_draw(name, 1000, _gen(9)))
 

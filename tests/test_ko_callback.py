@@ -444,6 +444,11 @@ def test_configurations_measured_to_lose_are_warned_about(tmp_path) -> None:
     assert losing_settings("velocity", "velocity", 0.1) == []
     assert len(losing_settings("polar_v", "output", 0.1)) == 1
     assert len(losing_settings("polar_v", "velocity", None)) == 1  # the KE-price floor
+    assert len(losing_settings("velocity", "velocity", 0.1, "uniform")) == 1  # the path's own uniform-time loss
+    assert losing_settings("velocity", "velocity", 0.1, "cond_ot_snr") == []
+    with pytest.warns(UserWarning, match="time_sampler='uniform'"):
+        model = FlowMatching(TimeMLP(dim=2, hidden=16, depth=1), time_sampler="uniform")
+        _trainer(tmp_path / "u", 1, [KOScheduleCallback(plot=False)], enable_checkpointing=False).fit(model, _toy())
     model = FlowMatching(TimeMLP(dim=2, hidden=16, depth=1), parametrization="polar_v")  # output weighting
     with pytest.warns(UserWarning, match="polar_v"):
         _trainer(tmp_path, 1, [KOScheduleCallback(plot=False)], enable_checkpointing=False).fit(model, _toy())

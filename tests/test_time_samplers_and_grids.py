@@ -15,6 +15,7 @@ from ko_lightning.paths import CondOTPath, CosinePath, TabulatedPath
 from ko_lightning.time_grids import path_time_grid
 from ko_lightning.time_samplers import (
     AutoTime,
+    CondOTWeightedTime,
     LogitNormalTime,
     SpeedImportanceTime,
     UniformTime,
@@ -184,7 +185,7 @@ def test_speed_importance_sampling_is_an_unbiased_estimate_of_the_uniform_object
     assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / t.numel()) + 2e-3  # + table error
 
 
-def test_speed_sampling_is_uniform_on_a_constant_speed_path_and_auto_picks_it_only_for_ko() -> None:
+def test_speed_sampling_is_uniform_on_a_constant_speed_path_and_auto_weights_only_ko_paths() -> None:
     sampler = SpeedImportanceTime()
     t, w = sampler.weighted_times(CondOTPath(), 10_000, torch.Generator().manual_seed(1), torch.device("cpu"), 0.0)
     u = torch.rand(10_000, generator=torch.Generator().manual_seed(1)).double()
@@ -194,7 +195,8 @@ def test_speed_sampling_is_uniform_on_a_constant_speed_path_and_auto_picks_it_on
     assert isinstance(auto, AutoTime)
     assert isinstance(auto.for_path(CondOTPath()), UniformTime)
     assert isinstance(auto.for_path(CosinePath()), UniformTime)
-    assert isinstance(auto.for_path(_ko_like_path()), SpeedImportanceTime)
+    chosen = auto.for_path(_ko_like_path())
+    assert isinstance(chosen, CondOTWeightedTime) and chosen.share == 0.5 and str(chosen) == "cond_ot_snr(0.5)"
 
 
 def test_the_default_loss_on_analytic_paths_is_the_uniform_one_bit_for_bit() -> None:

@@ -1,5 +1,5 @@
-"""Warnings for KO configurations that the measurements of docs/math.md §4.7 show to lose, and the check that a
-conditional model's configuration can be estimated (docs/math.md §3.10)."""
+"""Warnings for KO configurations that the measurements of docs/math.md §1.5 and §4.7 show to lose, and the check
+that a conditional model's configuration can be estimated (docs/math.md §3.10)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ __all__ = [
 ]
 
 
-def losing_settings(parametrization: object, loss_weighting: object, gamma_floor: float | None) -> list[str]:
+def losing_settings(
+    parametrization: object, loss_weighting: object, gamma_floor: float | None, time_sampler: object = "auto"
+) -> list[str]:
     """What in a (module, callback) configuration is measured to lose few-step sample quality with KO.
 
     Args:
         parametrization: the module's parametrization name.
         loss_weighting: the module's loss weighting.
         gamma_floor: the callback's floor (None: chosen by the KE price).
+        time_sampler: the module's time sampler, by name (``str(sampler)``).
 
     Returns:
         One sentence per losing setting (empty when none).
@@ -38,6 +41,13 @@ def losing_settings(parametrization: object, loss_weighting: object, gamma_floor
             "gamma_floor=None picks the floor by the kinetic-energy price (<= 0.5%), which lets the path turn so "
             "fast near t = 0 that few-step samples collapse (docs/math.md §4.7). The default floor is 0.1."
         )
+    if time_sampler == "uniform":
+        found.append(
+            "time_sampler='uniform' trains a KO path with its own uniform-time loss, which spends little of the "
+            "training budget where the data separate; with it KO lost to Cond-OT and cosine at 8-64 Euler steps on "
+            "the digits and the 12-d mixture (docs/math.md §1.5). The default ('auto') trains with half Cond-OT's "
+            "weighting of noise levels."
+        )
     return found
 
 
@@ -45,7 +55,8 @@ def warn_if_known_to_lose(pl_module: object, gamma_floor: float | None) -> None:
     """Rank 0: a ``UserWarning`` for each of :func:`losing_settings` (nothing else happens: the run goes on)."""
     parametrization = getattr(pl_module, "parametrization", None)
     loss_weighting = getattr(pl_module, "loss_weighting", None)
-    for message in losing_settings(parametrization, loss_weighting, gamma_floor):
+    time_sampler = str(getattr(pl_module, "time_sampler", "auto"))
+    for message in losing_settings(parametrization, loss_weighting, gamma_floor, time_sampler):
         rank_zero_warn(f"KOScheduleCallback: {message}", category=UserWarning)
 
 

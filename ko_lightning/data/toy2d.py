@@ -35,6 +35,8 @@ __all__ = [
     "sample_mixture12",
     "sample_mixture12_with_labels",
     "sample_moons",
+    "sample_pinwheel",
+    "sample_pinwheel_with_labels",
     "sample_moons_with_labels",
     "sample_rings",
     "sample_rings_with_labels",
@@ -292,6 +294,45 @@ def sample_mixture12_with_labels(
     return means[component] + std * torch.randn(n, 12, generator=generator), component
 
 
+def sample_pinwheel(n: int, generator: torch.Generator | None = None, arms: int = 5) -> Tensor:
+    """A pinwheel of ``arms`` curved arms: a point ``(rho, tau)`` with radial part ``rho = 1 + 0.3 z_1`` and
+    tangential part ``tau = 0.05 z_2`` (``z ~ N(0, I)``) is rotated by ``2 pi k / arms + 0.25 exp(rho)``, ``k`` its
+    arm, uniform over the arms; the rotation grows with the radius, so the arms bend and thin out.
+
+    Args:
+        n: number of samples.
+        generator: optional ``torch.Generator``.
+        arms: number of arms (>= 1).
+
+    Returns:
+        Tensor of shape ``(n, 2)``, float32.
+
+    Example:
+        >>> sample_pinwheel(5, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+    return sample_pinwheel_with_labels(n, generator, arms)[0]
+
+
+def sample_pinwheel_with_labels(
+    n: int, generator: torch.Generator | None = None, arms: int = 5
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_pinwheel` and the arm of each point (the same draws: the same points).
+
+    Returns:
+        ``(x, y)``: points ``(n, 2)`` float32 and arms ``(n,)`` int64 in ``0..arms - 1``.
+    """
+    n = _check_n(n)
+    if arms < 1:
+        raise ValueError(f"arms must be >= 1, got {arms!r}")
+    arm = torch.randint(0, arms, (n,), generator=generator)
+    z = torch.randn(n, 2, generator=generator)
+    rho, tau = 1.0 + 0.3 * z[:, 0], 0.05 * z[:, 1]
+    angle = 2 * math.pi * arm.float() / arms + 0.25 * torch.exp(rho)
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([rho * c - tau * s, rho * s + tau * c], dim=1), arm
+
+
 TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "checkerboard": sample_checkerboard,
     "eight_gaussians": sample_eight_gaussians,
@@ -299,6 +340,7 @@ TOY2D_SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "rings": sample_rings,
     "spiral": sample_spiral,
     "mixture12": sample_mixture12,
+    "pinwheel": sample_pinwheel,
 }
 """The named toy samplers understood by :class:`Toy2DDataModule` (all 2D but ``mixture12``, which is 12-d)."""
 
@@ -308,10 +350,18 @@ TOY2D_LABELLED_SAMPLERS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "moons": sample_moons_with_labels,
     "rings": sample_rings_with_labels,
     "mixture12": sample_mixture12_with_labels,
+    "pinwheel": sample_pinwheel_with_labels,
 }
 """The toy sets with classes: name -> sampler of ``(x, y)`` drawing the same ``x`` as :data:`TOY2D_SAMPLERS`."""
 
-TOY2D_NUM_CLASSES: dict[str, int] = {"checkerboard": 8, "eight_gaussians": 8, "moons": 2, "rings": 3, "mixture12": 10}
+TOY2D_NUM_CLASSES: dict[str, int] = {
+    "checkerboard": 8,
+    "eight_gaussians": 8,
+    "moons": 2,
+    "rings": 3,
+    "mixture12": 10,
+    "pinwheel": 5,
+}
 """The number of classes of each set of :data:`TOY2D_LABELLED_SAMPLERS`."""
 
 
@@ -327,7 +377,7 @@ class Toy2DDataModule(NormalizedSplitDataModule):
 
     Args:
         name: one of :data:`TOY2D_SAMPLERS` (``"checkerboard"``, ``"eight_gaussians"``, ``"moons"``, ``"rings"``,
-            ``"spiral"``, ``"mixture12"``).
+            ``"spiral"``, ``"mixture12"``, ``"pinwheel"``).
         n_train: number of training points.
         n_val: number of validation points.
         n_test: number of test points.

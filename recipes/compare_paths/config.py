@@ -29,6 +29,7 @@ from ko_lightning.callbacks import KOScheduleCallback
 from ko_lightning.data import TOY2D_SAMPLERS, DigitsDataModule, Toy2DDataModule
 from ko_lightning.nets import TimeMLP, UNet
 from ko_lightning.sampling import SolverSpec
+from ko_lightning.time_samplers import make_time_sampler
 
 __all__ = [
     "KO_DEFAULTS",
@@ -275,6 +276,8 @@ class CompareConfig:
         threads: torch intra-op threads during the run (None: leave torch's setting).
         train: :class:`TrainSettings`.
         ko: :class:`KOScheduleCallback` arguments of the KO row, merged into :data:`KO_DEFAULTS`.
+        time_samplers: ``FlowMatching(time_sampler=...)`` per row, merged into :data:`PATH_TIME_SAMPLERS`
+            (e.g. ``{"ko": "speed(0.25)"}``).
         eval: :class:`EvalSettings`.
 
     Raises:
@@ -294,6 +297,7 @@ class CompareConfig:
     threads: int | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
     ko: dict[str, Any] = field(default_factory=dict)
+    time_samplers: dict[str, str] = field(default_factory=dict)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
@@ -307,6 +311,13 @@ class CompareConfig:
             raise ConfigError("config key 'train.dequantize' applies to integer data (data.name 'digits') only")
         if not self.paths:
             raise ConfigError("config key 'paths' must name at least one path")
+        for row, spec in self.time_samplers.items():
+            if row not in PATH_NAMES:
+                raise ConfigError(f"config key 'time_samplers.{row}': not a path, use one of {list(PATH_NAMES)}")
+            try:
+                make_time_sampler(spec)
+            except ValueError as error:
+                raise ConfigError(f"config key 'time_samplers.{row}': {error}") from None
         if len(set(self.paths)) != len(self.paths):
             raise ConfigError(f"config key 'paths' lists a path twice: {self.paths}")
         if self.threads is not None and self.threads < 1:
@@ -326,10 +337,10 @@ class CompareConfig:
         """``t_eps`` of one path."""
         return float(getattr(self.t_eps, path))
 
-    @staticmethod
-    def time_sampler_of(path: str) -> str:
-        """The training-time density of one path's row (:data:`PATH_TIME_SAMPLERS`; ``"uniform"`` by default)."""
-        return PATH_TIME_SAMPLERS.get(path, "uniform")
+    def time_sampler_of(self, path: str) -> str:
+        """The training-time density of one path's row (``time_samplers``, else :data:`PATH_TIME_SAMPLERS`, else
+        ``"uniform"``)."""
+        return self.time_samplers.get(path, PATH_TIME_SAMPLERS.get(path, "uniform"))
 
     def out_dir(self) -> Path:
         """The run directory."""
