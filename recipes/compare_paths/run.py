@@ -20,6 +20,7 @@ from ko_lightning.data import DigitsDataModule, Toy2DDataModule
 from ko_lightning.kinetic import SeparationFunction, default_theta_grid, estimate_separation_from_data
 from ko_lightning.module import FlowMatching
 from ko_lightning.paths import GaussianPath
+from ko_lightning.progress import EpochProgressBar
 from recipes.compare_paths.build import build_datamodule, build_model
 from recipes.compare_paths.config import CompareConfig
 from recipes.compare_paths.evaluate import PathResult, evaluate_path
@@ -88,7 +89,8 @@ def train_path(
         enable_progress_bar=config.train.progress_bar,
         log_every_n_steps=config.train.log_every_n_steps,
         default_root_dir=str(out / "lightning" / name),
-        callbacks=[ko_callback] if ko_callback is not None else [],
+        # the package's bar: a run bounded by max_steps shows "Epoch N", not Lightning's "Epoch N/-2"
+        callbacks=[c for c in (ko_callback, EpochProgressBar() if config.train.progress_bar else None) if c],
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
