@@ -291,9 +291,9 @@ def make_time_sampler(spec: Any) -> TimeSampler:
     Raises:
         ValueError: naming ``time_sampler`` for an unknown name (listing the valid ones) or bad parameters.
     """
-    if isinstance(spec, (UniformTime, LogitNormalTime, _CheckedCallable, SpeedImportanceTime, CondOTWeightedTime)):
-        return spec
-    if isinstance(spec, AutoTime):
+    if isinstance(
+        spec, (UniformTime, LogitNormalTime, _CheckedCallable, SpeedImportanceTime, CondOTWeightedTime, AutoTime)
+    ):
         return spec
     if isinstance(spec, str):
         name = spec.strip()

@@ -366,3 +366,30 @@ def test_bad_class_folders_are_errors_naming_the_file_or_folder(tmp_path: Path) 
     dm = ImageDataModule(str(tmp_path / "ints.npz"), 2, labels=True, test_path=str(tmp_path / "train"))
     with pytest.raises(ValueError, match=_match(tmp_path / "train", "class folders", "without class names")):
         dm.raw_tensor("test")
+
+
+def test_pinwheel_arms_are_one_shape_rotated_and_match_their_labels() -> None:
+    """Undoing each point's arm rotation ``2 pi k / 5`` must give one distribution for every arm (the shape is
+    five-fold symmetric). Undoing also the radius-dependent rotation ``0.25 exp(rho)`` leaves the point
+    ``(rho, tau)``: its tangential part ``tau = |x| sin(residual angle)`` must have the standard deviation 0.05 it was
+    drawn with (``|x| = sqrt(rho^2 + tau^2)`` stands in for ``rho``, off by ``tau^2 / (2 rho)``)."""
+    from ko_lightning.data import sample_pinwheel, sample_pinwheel_with_labels
+
+    x, arm = sample_pinwheel_with_labels(20_000, torch.Generator().manual_seed(0))
+    assert torch.equal(x, sample_pinwheel(20_000, torch.Generator().manual_seed(0)))
+    counts = torch.bincount(arm, minlength=5).double()
+    assert float(((counts - 4000) ** 2 / 4000).sum()) < 18.47  # chi-square, 4 degrees of freedom, P = 0.001
+    back = 2 * math.pi * arm.double() / 5
+    c, s = torch.cos(-back), torch.sin(-back)
+    xd = x.double()
+    unrotated = torch.stack([xd[:, 0] * c - xd[:, 1] * s, xd[:, 0] * s + xd[:, 1] * c], dim=1)
+    means = torch.stack([unrotated[arm == k].mean(0) for k in range(5)])
+    se = unrotated.std(0) / math.sqrt(4000)
+    assert bool(((means - means.mean(0)).abs() <= 5 * se).all()), means  # the same shape on every arm
+    radius = unrotated.norm(dim=1)
+    residual = torch.atan2(unrotated[:, 1], unrotated[:, 0]) - 0.25 * torch.exp(radius)
+    tau = radius * torch.sin(residual)
+    inner = radius > 0.4  # away from the centre, where tau / rho is small
+    # the sample std of 0.05 z has a standard error of 0.05 / sqrt(2 n) (about 0.5% of 0.05 here): 5% is ample
+    assert abs(float(tau[inner].std()) - 0.05) < 0.05 * 0.05
+    assert float(tau[inner].abs().max()) < 0.05 * 5.5  # |z| > 5.5 has probability 4e-8 per draw

@@ -6,41 +6,15 @@ Each launch runs in its own process group with a timeout, so a deadlock fails th
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from launching import launch, torchrun
 
 from recipe_configs import ALL_RECIPES, shrink_recipe
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-TIMEOUT_S = 300  # a healthy launch takes 10-30 s here; a deadlock never ends
-
-
-def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in a new session; on timeout kill every process of it (all ranks) and fail."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)
-    with subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    ) as proc:
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(
-                f"{' '.join(command)} did not finish in {TIMEOUT_S} s (deadlock?); last output:\n{output[-3000:]}"
-            )
-    return subprocess.CompletedProcess(command, proc.returncode, output, "")
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
 def ko_lightning_command() -> list[str]:

@@ -11,8 +11,6 @@ import copy
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from launching import launch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
@@ -173,20 +172,8 @@ def test_bad_arguments_are_named() -> None:
 def test_two_ddp_ranks_gather_every_sample_and_do_not_hang(tmp_path: Path, cache_dir: Path) -> None:
     """Lightning's subprocess DDP launcher (two gloo ranks) on this file as a script: EMA, a CSV logger, the callback
     at its defaults but the size (num_samples 100, split 50/50, and 8 Euler steps)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)
-    command = [sys.executable, __file__, str(tmp_path), str(cache_dir)]
-    with subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    ) as proc:  # fmt: skip
-        try:
-            output, _ = proc.communicate(timeout=DDP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(f"the 2-rank run did not finish in {DDP_TIMEOUT_S} s (deadlock?):\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    done = launch([sys.executable, __file__, str(tmp_path), str(cache_dir)], tmp_path, timeout_s=DDP_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["n_generated"] == 100 and result["steps"] == [4, 8]
     files = set(result["files"])

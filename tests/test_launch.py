@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from launching import launch, torchrun
 
 from ko_lightning import FlowMatching, KOScheduleCallback
 from ko_lightning.kinetic import DataNormalization, kinetic_energy
 from ko_lightning.nets import TimeMLP
-
-TIMEOUT_S = 300  # a healthy launch takes 15-30 s here; a deadlock never ends
 
 
 def test_torchrun_two_ranks_refresh_ko_and_save_a_checkpoint_holding_it(tmp_path) -> None:
     """Two ranks, the embedded demo shrunk to 6 steps: the data init at step 0 and a model refresh at step 3. The
     last checkpoint (written by rank 0) must hold the path rank 0 reported: its kinetic energy under the saved
     lambda equals the ``ko/ke_new`` rank 0 logged at step 3."""
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+    command = torchrun(
         *("-m", "ko_lightning.cli", "fit"),
         *("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"),
         *("--trainer.max_steps", "6", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"),
@@ -32,25 +26,10 @@ def test_torchrun_two_ranks_refresh_ko_and_save_a_checkpoint_holding_it(tmp_path
         *("--data.init_args.batch_size", "128"),
         *("--ko.estimator", "model", "--ko.warmup_steps", "3", "--ko.every_n_steps", "3", "--ko.plot", "false"),
         *("--ko.n_queries", "64", "--ko.max_data", "512", "--report.num_samples", "16", "--report.euler_steps", "[2]"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MASTER_PORT", None)  # --standalone picks a free port
-    with subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s (deadlock?):\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    )
+    done = launch(command, tmp_path)
+    output = done.stdout
+    assert done.returncode == 0, output[-3000:]
     assert "KO refresh at step 0" in output and "KO refresh at step 3" in output
     run_dir = tmp_path / "runs" / "checkerboard" / "version_0"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
